@@ -1,0 +1,1 @@
+"""Data: Megatron-compatible indexed datasets, tokenizers, preprocessing and GPT training samples."""

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: where the read-only shared fixtures live, and the repository root."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    return Path(os.environ.get("MEGAPHI_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root folder."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared/ folder beside the checkout (or $MEGAPHI_SHARED); a missing one is an error, not a skip."""
+    path = _shared_dir()
+    if not (path / "fixtures" / "megatron" / "code_sample.jsonl").is_file():
+        pytest.fail(f"shared fixtures not found at {path}: set MEGAPHI_SHARED to the shared/ folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def megatron_fixtures(shared_dir: Path) -> Path:
+    """shared/fixtures/megatron: the code corpus, tokenizers and Megatron-LM's own .bin/.idx outputs."""
+    return shared_dir / "fixtures" / "megatron"
