@@ -42,7 +42,6 @@ setup(
         "tokenizers",
         "tqdm",
         "pyyaml",
-        "safetensors",
         "tensorboard",
         "pyarrow",
         "protobuf",

@@ -26,16 +26,7 @@ def hf_phi(config):
     from transformers import PhiConfig
     from transformers import PhiForCausalLM as HFPhi
 
-    hf_config = PhiConfig(
-        vocab_size=config.padded_vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-        partial_rotary_factor=config.rotary_dim / config.head_dim, rope_theta=config.rope_theta,
-        layer_norm_eps=config.layernorm_epsilon, resid_pdrop=config.hidden_dropout,
-        embd_pdrop=config.embedding_dropout, attention_dropout=config.attention_dropout,
-        hidden_act="gelu_new", tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa",
-    )
-    return HFPhi(hf_config)
+    return HFPhi(PhiConfig(**config.to_hf_config(), use_cache=False, attn_implementation="sdpa"))
 
 
 def make_step(model, optimizer, ids, is_hf, autocast_dtype=None):

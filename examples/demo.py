@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="where everything is written")
     parser.add_argument("--max-files", type=int, default=2000, help="stdlib files in the corpus")
     parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary")
-    parser.add_argument("--train-iters", type=int, default=300, help="pretraining iterations")
+    parser.add_argument("--train-iters", type=int, default=900, help="pretraining iterations")
     parser.add_argument("--fresh", action="store_true", help="retrain from scratch instead of resuming")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -69,7 +69,7 @@ def main() -> None:
     if tokenizer.exists():
         print(f"reusing {tokenizer}")
     else:
-        run([sys.executable, "tools/train_tokenizer.py", "--input", corpus, "--type", "sentencepiece",
+        run([sys.executable, "tools/train_tokenizer.py", "--input", corpus, "--tokenizer-type", "sentencepiece",
              "--vocab-size", args.vocab_size, "--output", tokenizer])
 
     step("3/5 preprocess: jsonl → Megatron-compatible .bin/.idx")
@@ -102,7 +102,7 @@ def main() -> None:
 
 
 def sample(ckpt: Path, tokenizer_path: Path) -> str:
-    """Greedy completion of PROMPT from the latest checkpoint."""
+    """A sampled completion of PROMPT (temperature 0.7, top-p 0.9, fixed seed) from the latest checkpoint."""
     import torch
 
     from megaphi.data.tokenizer import build_tokenizer
@@ -112,7 +112,9 @@ def sample(ckpt: Path, tokenizer_path: Path) -> str:
     tok = build_tokenizer("sentencepiece", str(tokenizer_path))
     model = load_model(ckpt)
     ids = torch.tensor([tok.encode(PROMPT)])
-    new = generate(model, ids, max_new_tokens=64, temperature=0.0, eod=tok.eod)[0]
+    generator = torch.Generator().manual_seed(0)
+    new = generate(model, ids, max_new_tokens=64, temperature=0.7, top_p=0.9, eod=tok.eod,
+                   vocab_size=tok.vocab_size, generator=generator)[0]
     return tok.decode(new)
 
 

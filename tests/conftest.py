@@ -31,3 +31,21 @@ def shared_dir() -> Path:
 def megatron_fixtures(shared_dir: Path) -> Path:
     """shared/fixtures/megatron: the code corpus, tokenizers and Megatron-LM's own .bin/.idx outputs."""
     return shared_dir / "fixtures" / "megatron"
+
+
+@pytest.fixture
+def write_token_dataset(tmp_path: Path):
+    """Writes an indexed dataset of random documents (8 to 59 tokens, ids < 500) and returns its prefix."""
+    import numpy as np
+
+    from megaphi.data.indexed_dataset import IndexedDatasetBuilder
+
+    def write(num_documents: int, name: str = "data", seed: int = 0) -> str:
+        rng = np.random.default_rng(seed)
+        prefix = tmp_path / name
+        with IndexedDatasetBuilder(prefix, dtype=np.uint16) as builder:
+            for _ in range(num_documents):
+                builder.add_document([rng.integers(0, 500, size=int(rng.integers(8, 60)))])
+        return str(prefix)
+
+    return write

@@ -18,15 +18,9 @@ def hf_model(config):
     from transformers import PhiConfig
     from transformers import PhiForCausalLM as HFPhi
 
-    hf_config = PhiConfig(
-        vocab_size=config.padded_vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-        partial_rotary_factor=config.rotary_dim / config.head_dim, rope_theta=config.rope_theta,
-        layer_norm_eps=config.layernorm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
-        hidden_act="gelu_new", tie_word_embeddings=False,
-    )
-    return HFPhi(hf_config)
+    # Dropout off: parity is checked in eval and train mode alike.
+    return HFPhi(PhiConfig(**config.replace(hidden_dropout=0.0, attention_dropout=0.0,
+                                            embedding_dropout=0.0).to_hf_config()))
 
 
 @pytest.mark.parametrize("name,expected", [("phi-1", 1_418_270_720), ("phi-1-small", 356_794_368)])

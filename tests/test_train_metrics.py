@@ -4,10 +4,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from megaphi.data.indexed_dataset import IndexedDatasetBuilder
 from megaphi.model import flops_per_token, get_preset
 from megaphi.train.config import parse_config
 from megaphi.train.metrics import format_line
@@ -15,13 +13,8 @@ from megaphi.train.trainer import train
 
 
 @pytest.fixture
-def data(tmp_path):
-    rng = np.random.default_rng(0)
-    prefix = tmp_path / "data"
-    with IndexedDatasetBuilder(prefix, dtype=np.uint16) as builder:
-        for _ in range(80):
-            builder.add_document([rng.integers(0, 500, size=int(rng.integers(8, 60)))])
-    return str(prefix)
+def data(write_token_dataset):
+    return write_token_dataset(80)
 
 
 def run_config(data, *extra):

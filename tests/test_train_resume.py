@@ -7,24 +7,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from megaphi.data.indexed_dataset import IndexedDatasetBuilder
 from megaphi.train import checkpoint as ckpt
 from megaphi.train.config import parse_config
 from megaphi.train.trainer import Trainer, train
 
 
 @pytest.fixture
-def data(tmp_path):
-    rng = np.random.default_rng(0)
-    prefix = tmp_path / "data"
-    with IndexedDatasetBuilder(prefix, dtype=np.uint16) as builder:
-        for _ in range(200):
-            builder.add_document([rng.integers(0, 500, size=int(rng.integers(8, 60)))])
-    return str(prefix)
+def data(write_token_dataset):
+    return write_token_dataset(200)
 
 
 def tiny_flags(data, *extra):

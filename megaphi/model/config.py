@@ -76,6 +76,18 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def to_hf_config(self) -> dict:
+        """The keyword arguments of transformers' PhiConfig for this shape (no transformers import needed)."""
+        return dict(
+            vocab_size=self.padded_vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads, max_position_embeddings=self.max_position_embeddings,
+            partial_rotary_factor=self.rotary_dim / self.head_dim, rope_theta=self.rope_theta,
+            layer_norm_eps=self.layernorm_epsilon, resid_pdrop=self.hidden_dropout,
+            embd_pdrop=self.embedding_dropout, attention_dropout=self.attention_dropout,
+            hidden_act="gelu_new", tie_word_embeddings=False, initializer_range=self.init_std,
+        )
+
 
 _PHI_SHAPE = dict(vocab_size=51200, max_position_embeddings=2048, rotary_dim=32)
 PRESETS: dict[str, dict] = {
