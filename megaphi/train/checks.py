@@ -64,7 +64,8 @@ def validate_config(config: TrainConfig, dp_size: int = 1) -> None:
         raise ValueError(f"--eval-iters must not be negative, got {log.eval_iters}")
     for name in ("save_interval", "keep_last"):
         if getattr(c, name) is not None and c.save is None:
-            raise ValueError(f"{flag(name)} needs --save (where to write checkpoints)")
+            raise ValueError(f"{flag(name)} {getattr(c, name)} (from the flags or the YAML config) needs --save, "
+                             f"the folder to write checkpoints to")
     if c.finetune and c.load is None:
         raise ValueError("--finetune needs --load (the pretrained checkpoint to start from)")
     if c.finetune and c.save is not None and Path(c.save).resolve() == Path(c.load).resolve():
