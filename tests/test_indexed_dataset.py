@@ -213,3 +213,40 @@ def test_merge_cli(megatron_fixtures, repo_root, tmp_path):
     assert "243 documents" in run.stdout and same_files(tmp_path / "all", src.prefix)
     run = subprocess.run(cmd[:3] + [str(tmp_path / "missing"), *cmd[4:]], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "missing.idx: file not found" in run.stderr
+
+
+@pytest.mark.parametrize("field,value", [("pointer", 10**12), ("pointer", -8), ("length", -5), ("length", 10**6)])
+def test_corrupt_index_entry_is_an_error_not_a_garbage_read(tmp_path, good, field, value):
+    """An index entry that points outside .bin (sizes still consistent) fails on read, naming the file."""
+    idx = bytearray(good[1])
+    n = struct.unpack("<Q", idx[18:26])[0]
+    at = 34 + (4 * n + 8 * 1 if field == "pointer" else 4 * 1)  # sequence 1's pointer or length
+    idx[at : at + (8 if field == "pointer" else 4)] = struct.pack("<q" if field == "pointer" else "<i", value)
+    ds = IndexedDataset(corrupt(tmp_path, good, bytes(idx)))
+    assert list(ds.get(0)) == list(range(10))
+    with pytest.raises(ValueError, match=r"bad\.idx: corrupt index: sequence 1 "):
+        ds.get(1)
+
+
+def test_add_item_then_add_document_makes_one_document(tmp_path):
+    """add_document closes the document add_item opened (as in Megatron): no empty document at finalize."""
+    with IndexedDatasetBuilder(tmp_path / "d", dtype=np.uint16) as b:
+        b.add_item([1, 2])
+        b.add_document([[3]])
+    ds = IndexedDataset(tmp_path / "d")
+    assert list(ds.document_indices) == [0, 2] and ds.num_documents == 1
+
+
+def test_merge_cli_folder_leaves_out_its_own_output(megatron_fixtures, repo_root, tmp_path):
+    """Merging a folder into a prefix inside it twice must not merge the first output into the second."""
+    src = IndexedDataset(megatron_fixtures / "spm_eod_text_document")
+    docs = documents(src)
+    (tmp_path / "parts").mkdir()
+    write(tmp_path / "parts" / "a", docs[:100])
+    write(tmp_path / "parts" / "b", docs[100:])
+    cmd = [sys.executable, str(repo_root / "tools" / "merge_datasets.py"), "--input", str(tmp_path / "parts"),
+           "--output-prefix", str(tmp_path / "parts" / "all")]
+    for _ in range(2):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert same_files(tmp_path / "parts" / "all", src.prefix)

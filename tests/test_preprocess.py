@@ -282,3 +282,32 @@ def test_a_dead_worker_stops_the_run(megatron_fixtures, repo_root, tmp_path, big
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "died (exit code -9)" in err
     assert os.listdir(out_dir) == []
+
+
+def test_bad_chunk_bytes_is_an_error_not_an_empty_output(megatron_fixtures, tmp_path):
+    """A negative --chunk-bytes once planned no jsonl tasks: an empty dataset and exit 0."""
+    with pytest.raises(ValueError, match="--chunk-bytes must be at least 1"):
+        run(megatron_fixtures, tmp_path / "o", [megatron_fixtures / "code_sample.jsonl"], chunk_bytes=-1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_input_still_reports_each_output(megatron_fixtures, tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    summary, out = run(megatron_fixtures, tmp_path / "o", [tmp_path / "empty.jsonl"], json_keys=("text", "code"))
+    assert (len(out["text"]), out["code"].num_documents) == (0, 0)
+    report = summary.report()
+    assert "text: 0 tokens" in report and "code: 0 tokens" in report
+
+
+def test_source_files_named_on_the_command_line(megatron_fixtures, tmp_path, sp, texts):
+    """`--input 'src/*.py' --extensions .py`: one document per file, as for a folder (not each line as JSON)."""
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"m{i}.py").write_text(texts[i])
+    summary, out = run(megatron_fixtures, tmp_path / "o", [tmp_path / "src" / "*.py"], json_keys=("text", "path"),
+                       extensions=(".py",))
+    assert sum(summary.skipped.values()) == 0
+    assert docs_of(out["text"]) == [[sp.encode_as_ids(t) + [1]] for t in texts[:3]]
+    assert docs_of(out["path"]) == [[sp.encode_as_ids(f"m{i}.py") + [1]] for i in range(3)]
+    _, tree = run(megatron_fixtures, tmp_path / "t", [tmp_path / "src"], extensions=(".py",))
+    assert same_files(out["text"].prefix, tree["text"].prefix)

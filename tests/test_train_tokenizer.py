@@ -1,5 +1,6 @@
 """Tokenizer training: tiny sentencepiece and byte-level BPE models on real code, loaded back and checked."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -146,3 +147,28 @@ def test_cli_runs_as_a_script(corpus, tmp_path, repo_root):
     assert result.returncode == 0, result.stderr
     assert f"{len(corpus['texts'])} documents" in result.stdout
     assert build_tokenizer("sentencepiece", out).vocab_size == 400
+
+
+def test_corpus_reading_skips_what_preprocess_skips(tmp_path):
+    """Invalid UTF-8 is skipped and counted (not turned into U+FFFD); a dangling symlink is no traceback."""
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9 = 1"}\n{"text": "ok = 1"}\n')
+    stats = CorpusStats()
+    texts = list(iter_documents(list_inputs([str(tmp_path / "bad.jsonl")]), ["text"], stats, progress=False))
+    assert texts == ["ok = 1"] and stats.skipped == {"invalid UTF-8": 1}
+    assert stats.examples[0].startswith(f"{tmp_path / 'bad.jsonl'}:1: invalid UTF-8")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\n")
+    (src / "gone.py").symlink_to(tmp_path / "nowhere.py")
+    inputs = list_inputs([str(src)], [".py"])
+    assert inputs == [(str(src / "a.py"), "file")]
+    assert list(iter_documents(inputs, progress=False)) == ["x = 1\n"]
+
+
+def test_truncated_gzip_is_a_clear_error(corpus, tmp_path, capsys):
+    data = gzip.compress(corpus["jsonl"].read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "m.model"
+    assert train_main(["--input", str(tmp_path / "cut.jsonl.gz"), "--tokenizer-type", "sentencepiece",
+                       "--vocab-size", "300", "--output", str(out), "--quiet"]) == 2
+    assert "cut.jsonl.gz: cannot read as gzip" in capsys.readouterr().err and not out.exists()

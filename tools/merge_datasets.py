@@ -7,12 +7,15 @@ import sys
 from megaphi.data.indexed_dataset import merge_datasets
 
 
-def dataset_prefixes(inputs) -> list[str]:
-    """Each input as a prefix; a folder stands for every .idx/.bin pair in it, sorted by name."""
+def dataset_prefixes(inputs, output_prefix: str = "") -> list[str]:
+    """Each input as a prefix; a folder stands for every .idx/.bin pair in it, sorted by name, except the output
+    (a rerun into the same folder must not merge the last run's output again)."""
     prefixes = []
+    output = os.path.realpath(output_prefix) if output_prefix else None
     for item in inputs:
         if os.path.isdir(item):
             names = sorted(n[: -len(".idx")] for n in os.listdir(item) if n.endswith(".idx"))
+            names = [n for n in names if os.path.realpath(os.path.join(item, n)) != output]
             if not names:
                 raise ValueError(f"--input {item}: folder holds no .idx files")
             prefixes.extend(os.path.join(item, n) for n in names)
@@ -27,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-prefix", required=True, help="writes {prefix}.bin/.idx")
     args = p.parse_args(argv)
     try:
-        ds = merge_datasets(dataset_prefixes(args.input), args.output_prefix)
+        ds = merge_datasets(dataset_prefixes(args.input, args.output_prefix), args.output_prefix)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

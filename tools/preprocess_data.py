@@ -21,7 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys (parquet columns) to tokenize; one output pair per key (default: text)")
     g.add_argument("--extensions", nargs="+", default=[],
-                   help="for folder inputs: file name endings to take, one document per file (e.g. .py)")
+                   help="source files to take from folder inputs, one document per file (e.g. .py); an input file "
+                        "named with one of these endings is one document too")
     g.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping it")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)

@@ -123,12 +123,15 @@ class IndexedDataset:
         if not -n <= i < n:
             raise IndexError(f"sequence {i} out of range for {self.prefix} with {n} sequences")
         i = int(i) % n
-        size = int(self.sequence_lengths[i])
+        size, pointer = int(self.sequence_lengths[i]), int(self.sequence_pointers[i])
+        if size < 0 or pointer < 0 or pointer + size * self.dtype.itemsize > len(self._bin):
+            raise ValueError(f"{index_file_path(self.prefix)}: corrupt index: sequence {i} (length {size}, byte "
+                             f"pointer {pointer}) lies outside {data_file_path(self.prefix)} ({len(self._bin)} bytes)")
         if length is None:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {i} of length {size}")
-        start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
+        start = pointer + offset * self.dtype.itemsize
         return self._bin[start : start + length * self.dtype.itemsize].view(self.dtype)
 
     @property
@@ -210,6 +213,8 @@ class IndexedDatasetBuilder:
             ends = self.num_sequences - len(lengths) + np.cumsum(sizes)
             ends.tofile(self._docs)
             self.num_documents += len(sizes)
+            if len(sizes):  # the first of them ends the document add_item left open, if any
+                self._open_document = False
 
     def add_index(self, prefix: str | os.PathLike) -> None:
         """Append every document of another indexed dataset (same dtype) to this one."""

@@ -289,7 +289,7 @@ def _run_tasks(cfg: PreprocessConfig, tasks, prefixes: dict, chunk_bytes: int, s
     """Tokenize tasks into one dataset per key at `prefixes`; abort (no output) on any error."""
     from tqdm import tqdm
 
-    summary, start = Summary(outputs=dict(prefixes)), time.perf_counter()
+    summary, start = Summary(tokens=dict.fromkeys(prefixes, 0), outputs=dict(prefixes)), time.perf_counter()
     args = (cfg.tokenizer_type, cfg.tokenizer_model, tuple(cfg.json_keys), cfg.append_eod)
     results = _ordered_results(_expand(tasks, chunk_bytes), args, cfg.workers, window=2 * cfg.workers + 2)
     dtype = next(results)
@@ -360,6 +360,8 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
     if not cfg.json_keys:
         raise ValueError("--json-keys: give at least one key")
+    if cfg.chunk_bytes is not None and cfg.chunk_bytes < 1:
+        raise ValueError(f"--chunk-bytes must be at least 1, got {cfg.chunk_bytes}")
     comm = _mpi_comm()
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     paths = expand_inputs(cfg.inputs, cfg.extensions)

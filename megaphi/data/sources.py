@@ -111,7 +111,12 @@ def plan_tasks(paths, keys, extensions=None, chunk_bytes: int = 4 << 20) -> list
     tasks = []
     for path in paths:
         kind = input_kind(path)
-        if kind == "jsonl":
+        if kind == "jsonl" and extensions and path.endswith(tuple(extensions)):
+            # a source file named on the command line (`src/*.py`): one document, as inside a folder
+            _check_tree_keys(path, keys)
+            folder, name = os.path.split(path)
+            tasks.append(Task("files", folder, files=(name,), weight=os.path.getsize(path)))
+        elif kind == "jsonl":
             size = os.path.getsize(path)
             for start in range(0, size, chunk_bytes):
                 end = min(size, start + chunk_bytes)
@@ -141,10 +146,14 @@ def _plan_parquet(path: str, keys) -> list[Task]:
     ]
 
 
-def _plan_tree(root: str, keys, extensions, chunk_bytes: int) -> list[Task]:
+def _check_tree_keys(root: str, keys) -> None:
     bad = [k for k in keys if k not in TREE_KEYS]
     if bad:
         raise ValueError(f"--input {root}: a source tree offers keys {TREE_KEYS}, not --json-keys {bad[0]!r}")
+
+
+def _plan_tree(root: str, keys, extensions, chunk_bytes: int) -> list[Task]:
+    _check_tree_keys(root, keys)
     files = list_tree(root, extensions)
     if not files:
         raise ValueError(f"--input {root}: no files ending with {' or '.join(extensions)} in this folder")

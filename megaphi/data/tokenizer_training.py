@@ -10,13 +10,17 @@ document per file with the given extensions); sentencepiece keeps a random sampl
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
+
+from megaphi.data.sources import list_tree, parse_lines
 
 ENDOFTEXT = "<|endoftext|>"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
@@ -49,9 +53,7 @@ def list_inputs(inputs, extensions=()) -> list[tuple[str, str]]:
             if os.path.isdir(path):
                 if not extensions:
                     raise ValueError(f"--input {path!r} is a folder: give --extensions (e.g. .py) to pick files")
-                for root, dirs, files in os.walk(path):
-                    dirs.sort()
-                    found += [(os.path.join(root, f), "file") for f in sorted(files) if f.endswith(extensions)]
+                found += [(os.path.join(path, rel), "file") for rel in list_tree(path, extensions)]
             elif extensions and path.endswith(extensions):
                 found.append((path, "file"))
             elif path.endswith(JSONL_SUFFIXES):
@@ -84,33 +86,29 @@ def iter_documents(inputs, json_keys=("text",), stats: CorpusStats | None = None
 
 
 def _jsonl_documents(path: str, json_keys, stats: CorpusStats):
+    """The texts of a jsonl file, parsed and checked as tools/preprocess_data.py does (same skip reasons)."""
+    try:
+        yield from _parsed_jsonl(path, json_keys, stats)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read{' as gzip' if path.endswith('.gz') else ''} ({e})") from None
+
+
+def _parsed_jsonl(path: str, json_keys, stats: CorpusStats):
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                stats.skip(f"{path}:{number}", "bad JSON")
-                continue
-            if not isinstance(record, dict):
-                stats.skip(f"{path}:{number}", "not a JSON object")
-                continue
-            for key in json_keys:
-                value = record.get(key)
-                if value is None:
-                    stats.skip(f"{path}:{number}", f"missing key {key!r}")
-                    continue
-                texts = value if isinstance(value, list) else [value]
-                if not all(isinstance(t, str) for t in texts):
-                    stats.skip(f"{path}:{number}", f"{key!r} is not a string")
-                    continue
-                for text in texts:
-                    if text:
-                        stats.documents += 1
-                        stats.bytes += len(text.encode("utf-8"))
-                        yield text
+    with opener(path, "rb") as f:
+        first = 1
+        while lines := list(itertools.islice(f, 4096)):
+            records = parse_lines(path, lines, json_keys, first_line=first)
+            first += len(lines)
+            for skip in records.skips:
+                stats.skip(f"{path}:{skip.line}", skip.reason)
+            for row in records.rows:
+                for value in row:
+                    for text in [value] if isinstance(value, str) else value:
+                        if text:
+                            stats.documents += 1
+                            stats.bytes += len(text.encode("utf-8"))
+                            yield text
 
 
 def split_long(texts, max_bytes: int):
