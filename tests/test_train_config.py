@@ -6,7 +6,7 @@ import pytest
 from megaphi.data.indexed_dataset import IndexedDatasetBuilder
 from megaphi.train.checks import resolve_model_config
 from megaphi.train.config import TrainConfig, build_parser, parse_config, save_yaml
-from megaphi.train.trainer import Trainer
+from megaphi.train.trainer import Trainer, main
 
 
 def write_data(prefix, n_docs=60, max_id=500, dtype=np.uint16, seed=0):
@@ -139,3 +139,19 @@ def test_tokenizer_sets_padded_model_vocab(megatron_fixtures, data):
     with pytest.raises(ValueError, match=r"--vocab-size 100 is smaller than the tokenizer's vocabulary"):
         Trainer(parse_config(tiny(data, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm,
                                   "--vocab-size", "100")))
+
+
+def test_main_reports_config_file_errors_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    for text, message in [("training:\n  micro_batchsize: 3\n", "unknown setting 'micro_batchsize'"),
+                          ("training:\n  micro_batch_size: [3\n", "bad.yaml is not valid YAML"),
+                          ("micro_batch_size: abc\n", "--micro-batch-size expects int, got 'abc'")]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(bad)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2 and "missing.yaml not found" in capsys.readouterr().err

@@ -72,9 +72,10 @@ class IndexedDataset:
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
                 raise ValueError(f"{path}: file not found (indexed dataset prefix {self.prefix!r})")
-        idx_size = os.path.getsize(idx_path)
-        with open(idx_path, "rb") as f:
-            head = f.read(HEADER.size)
+        # One mapping per file: header, size and arrays all come from the same file even if it is replaced meanwhile.
+        self._idx = _mmap(idx_path)
+        idx_size = len(self._idx)
+        head = bytes(self._idx[: HEADER.size])
         if head[: len(MAGIC)] != MAGIC:
             raise ValueError(f"{idx_path}: not an MMIDIDX index (magic {head[:len(MAGIC)]!r}, expected {MAGIC!r})")
         if len(head) < HEADER.size:
@@ -89,19 +90,18 @@ class IndexedDataset:
             what = "truncated" if idx_size < expected else "has trailing bytes"
             raise ValueError(f"{idx_path}: {what}: {idx_size} bytes, header (N={n}, D={d}) implies {expected}")
         self.dtype = DTYPES[code]
-        self._idx = _mmap(idx_path)
         self.sequence_lengths = _view(self._idx, HEADER.size, np.int32, n)
         self.sequence_pointers = _view(self._idx, HEADER.size + 4 * n, np.int64, n)
         self.document_indices = _view(self._idx, HEADER.size + 12 * n, np.int64, d)
         if d < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n:
             first_last = (self.document_indices[0], self.document_indices[-1]) if d else "none"
             raise ValueError(f"{idx_path}: document indices must run from 0 to N={n}, got {first_last}")
-        bin_size = os.path.getsize(bin_path)
+        self._bin = np.frombuffer(_mmap(bin_path), dtype=np.uint8)
+        bin_size = len(self._bin)
         end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n else 0
         if bin_size != end:
             what = "truncated" if bin_size < end else "larger than its index describes"
             raise ValueError(f"{bin_path}: {what}: {bin_size} bytes, {idx_path} implies {end}")
-        self._bin = np.frombuffer(_mmap(bin_path), dtype=np.uint8)
 
     def __getstate__(self):  # an mmap does not pickle: a copy (e.g. in a DataLoader worker) maps the files again
         return {"prefix": self.prefix}
