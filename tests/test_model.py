@@ -113,8 +113,13 @@ def test_activation_checkpointing_gives_same_grads_even_with_dropout():
     for enabled in (False, True):
         model = tiny_model(seed=4, **overrides)
         model.set_activation_checkpointing(enabled)
+        calls = []
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda *_: calls.append(1))
         torch.manual_seed(99)
         model(ids, labels=labels).backward()
+        # Really recomputed: each block runs again in the backward pass.
+        assert len(calls) == model.config.num_layers * (2 if enabled else 1)
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)

@@ -116,3 +116,36 @@ def test_meta_is_json_with_layout(data, tmp_path):
     meta = json.loads((save / "iter_0000001" / "meta.json").read_text())
     assert meta["layout"] == {"world_size": 1, "tensor_parallel": 1, "data_parallel": 1}
     assert meta["format_version"] == 1
+
+
+@pytest.mark.parametrize("name, damage", [("model.pt", "truncate"), ("optim.pt", "delete"), ("rng.pt", "garbage"),
+                                          ("meta.json", "garbage")])
+def test_a_damaged_checkpoint_names_the_file(data, tmp_path, name, damage):
+    save = tmp_path / "ckpt"
+    train(run_config(data, save, "--train-iters", "1"), progress=False)
+    path = save / "iter_0000001" / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"{not a checkpoint")
+    with pytest.raises(ValueError, match=rf"--load: checkpoint file .*iter_0000001/{name} is missing or unreadable"):
+        Trainer(run_config(data, save, "--train-iters", "2", "--load", str(save)), progress=False)
+
+
+def test_a_checkpoint_of_another_shape_is_refused_before_the_model_is_built(data, tmp_path, monkeypatch):
+    save = tmp_path / "ckpt"
+    train(run_config(data, save, "--train-iters", "1"), progress=False)
+    # Other heads give the same weight shapes: load_state_dict would accept them and train a different model.
+    config = run_config(data, tmp_path / "other", "--train-iters", "2", "--load", str(save),
+                        "--num-attention-heads", "4")
+    with pytest.raises(ValueError, match=r"--load: checkpoint .*iter_0000001 does not fit this model: "
+                                         r"num_attention_heads 2 in the checkpoint, 4 here \(--num-attention-heads\)"):
+        Trainer(config, progress=False)
+    # Fine-tuning a tiny checkpoint with the phi-1 preset fails at once, naming the checkpoint's preset.
+    monkeypatch.setattr(Trainer, "_build_model_and_optimizer", lambda self: pytest.fail("model built"))
+    config = run_config(data, tmp_path / "ft", "--load", str(save), "--finetune", "--preset", "phi-1")
+    with pytest.raises(ValueError, match=r"num_layers 2 in the checkpoint, 24 here \(--num-layers\).*"
+                                         r"hidden_size 128 in the checkpoint, 2048 here.*saved with --preset tiny"):
+        Trainer(config, progress=False)

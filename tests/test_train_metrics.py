@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +115,36 @@ def test_progress_bar_keeps_log_lines(data, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "train: 100%" in captured.err and "6/6" in captured.err
     assert "iteration 6/6 | loss" in captured.out and "saved checkpoint" in captured.out
+
+
+def test_throughput_excludes_validation_and_checkpoint_time(data, tmp_path, monkeypatch):
+    # As Megatron stops its interval timer around evaluation and saving: a slow validation or save must not show
+    # up as a throughput drop in the next log line.
+    from megaphi.train.trainer import Trainer
+
+    def slow(real):
+        def wrapper(*args, **kwargs):
+            time.sleep(1.0)
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(Trainer, "evaluate", slow(Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "save", slow(Trainer.save))
+    save = tmp_path / "ckpt"
+    train(run_config(data, "--save", str(save), "--log-interval", "1", "--eval-interval", "1", "--save-interval", "1",
+                     "--train-iters", "3"), progress=False)
+    trains = [r for r in read_records(save / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["iteration"] for r in trains] == [1, 2, 3]
+    assert all(r["s_per_iter"] < 0.9 for r in trains), [r["s_per_iter"] for r in trains]
+
+
+def test_plot_metrics_of_a_killed_run_skips_its_torn_last_line(tmp_path):
+    from megaphi.train.plots import plot_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"type": "train", "iteration": i, "loss": 5.0 - i, "tokens_per_s": 100.0} for i in (1, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "train", "iterat')
+    assert [p.name for p in plot_metrics(path, tmp_path / "plots")] == ["loss.png", "throughput.png"]
+    path.write_text('{"type": "train", "iterat\n' + json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON record"):
+        plot_metrics(path, tmp_path / "plots")

@@ -13,6 +13,7 @@ complete checkpoint or the new one; leftover temp folders are ignored and remove
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -181,14 +182,28 @@ def prune(folder: str | Path, keep_last: int, protect: Path | None = None) -> li
     return doomed
 
 
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    """The error for a checkpoint file that is missing or damaged (its folder is still listed as complete)."""
+    reason = (str(error).splitlines() or [""])[0]
+    return ValueError(f"--load: checkpoint file {path} is missing or unreadable ({type(error).__name__}: {reason}); "
+                      f"delete {path.parent} to resume from the checkpoint before it, or choose one with --ckpt-step")
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """A checkpoint's meta.json."""
-    return json.loads((Path(path) / "meta.json").read_text())
+    file = Path(path) / "meta.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _unreadable(file, e) from None
 
 
 def _torch_load(path: Path) -> Any:
     """torch.load on CPU with weights_only=True (checkpoints hold only tensors and plain data)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise _unreadable(path, e) from None
 
 
 def load_model_state(path: str | Path, model: torch.nn.Module) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megaphi.model import ModelConfig, get_preset
-from megaphi.train.checkpoint import find_checkpoint
+from megaphi.model import ModelConfig, get_preset, padded_vocab_size
+from megaphi.train.checkpoint import find_checkpoint, read_meta
 from megaphi.train.config import FIELD_GROUP, TrainConfig, flag
 
 # config field -> ModelConfig field, for the model-shape flags that override the preset.
@@ -49,7 +49,9 @@ def validate_config(config: TrainConfig, dp_size: int = 1) -> None:
     if s.lr_warmup_iters < 0:
         raise ValueError(f"--lr-warmup-iters must not be negative, got {s.lr_warmup_iters}")
     if s.lr_decay_style != "constant" and s.lr_warmup_iters > decay_iters:
-        raise ValueError(f"--lr-warmup-iters {s.lr_warmup_iters} is longer than --lr-decay-iters {decay_iters}")
+        default = " (which defaults to --train-iters)" if s.lr_decay_iters is None else ""
+        raise ValueError(f"--lr-warmup-iters {s.lr_warmup_iters} is longer than --lr-decay-iters "
+                         f"{decay_iters}{default}")
     if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
         raise ValueError(f"--adam-beta1 ({o.adam_beta1}) and --adam-beta2 ({o.adam_beta2}) must be in [0, 1)")
     if o.adam_eps <= 0 or o.weight_decay < 0 or o.clip_grad < 0:
@@ -60,6 +62,8 @@ def validate_config(config: TrainConfig, dp_size: int = 1) -> None:
         value = getattr(getattr(config, FIELD_GROUP[name]), name)
         if value is not None and value < 1:
             raise ValueError(f"{flag(name)} must be at least 1, got {value}")
+    if log.peak_tflops is not None and log.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops must be positive, got {log.peak_tflops}")
     if log.eval_iters < 0:
         raise ValueError(f"--eval-iters must not be negative, got {log.eval_iters}")
     for name in ("save_interval", "keep_last"):
@@ -168,3 +172,25 @@ def check_data_vocab(config: TrainConfig, model_config: ModelConfig) -> None:
             raise ValueError(f"--data-path {prefix}: holds token id {largest}, but the model's vocabulary is {vocab} "
                              f"(from --vocab-size, --tokenizer-model or --preset {config.model.preset}); "
                              f"was the data made with another tokenizer?")
+
+
+# ModelConfig fields that fix the weights' shapes or their meaning (heads, rotary): a loaded checkpoint must agree.
+CHECKPOINT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size",
+                     "rotary_dim", "rope_theta")
+
+
+def check_checkpoint_model(path: Path, model_config: ModelConfig) -> None:
+    """The checkpoint at path was saved from a model of this shape; else a ValueError naming the flags to change."""
+    meta = read_meta(path)
+    saved = dict(meta.get("model_config") or {})
+    if not saved:
+        return
+    saved["padded_vocab_size"] = padded_vocab_size(saved["vocab_size"], saved.get("make_vocab_size_divisible_by", 64))
+    flags = {**{dst: flag(src) for src, dst in MODEL_OVERRIDES.items()},
+             "padded_vocab_size": "--vocab-size or the tokenizer", "rotary_dim": "--preset", "rope_theta": "--preset"}
+    diffs = [f"{name} {saved[name]} in the checkpoint, {getattr(model_config, name)} here ({flags[name]})"
+             for name in CHECKPOINT_FIELDS if name in saved and saved[name] != getattr(model_config, name)]
+    if diffs:
+        preset = (meta.get("config") or {}).get("model", {}).get("preset")
+        raise ValueError(f"--load: checkpoint {path} does not fit this model: {'; '.join(diffs)}"
+                         + (f" (it was saved with --preset {preset})" if preset else ""))

@@ -1,5 +1,6 @@
 """Training metrics: interval statistics, the log line, metrics.jsonl, TensorBoard and the progress bar."""
 
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,15 @@ class IntervalMeter:
         self.tokens = 0
         self.skipped = 0
         self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (validation, checkpointing) is left out of the interval, as Megatron's timers do."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def add(self, loss: float, tokens: int, skipped: bool) -> None:
         """Records one optimizer step."""

@@ -10,12 +10,15 @@ def read_metrics(path: str | Path) -> dict[str, list[dict]]:
     if not path.is_file():
         raise ValueError(f"{path}: metrics file not found")
     by_type: dict[str, dict[int, dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # the line a killed (or still running) training was writing
             raise ValueError(f"{path}:{number}: not a JSON record") from None
         by_type.setdefault(record.get("type", "train"), {})[record["iteration"]] = record
     return {kind: [records[i] for i in sorted(records)] for kind, records in by_type.items()}

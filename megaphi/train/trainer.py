@@ -14,7 +14,8 @@ import torch
 
 from megaphi.model import PhiForCausalLM, flops_per_token, num_parameters
 from megaphi.train import checkpoint as ckpt
-from megaphi.train.checks import check_data_vocab, global_batch_size, resolve_model_config, validate_config
+from megaphi.train.checks import (check_checkpoint_model, check_data_vocab, global_batch_size,
+                                  resolve_model_config, validate_config)
 from megaphi.train.config import TrainConfig, parse_config
 from megaphi.train.distributed import ParallelContext, parallelize, select_device, setup_distributed
 from megaphi.train.metrics import IntervalMeter, MetricsLogger, device_peak_tflops
@@ -91,6 +92,9 @@ class Trainer:
                 raise ValueError(f"--kernels: {e}") from None
         self.device = select_device(self.ctx)
         self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
+        self.load_path, self.load_full = self._checkpoint_to_load()
+        if self.load_path is not None:  # before building the model: a phi-1 takes a while to initialise
+            check_checkpoint_model(self.load_path, self.model_config)
         self._build_model_and_optimizer()
         self.iteration, self.consumed = 0, 0
         self._resume()
@@ -107,7 +111,11 @@ class Trainer:
             return None
         from megaphi.data.tokenizer import build_tokenizer
 
-        return build_tokenizer(d.tokenizer_type, d.tokenizer_model).vocab_size
+        try:
+            return build_tokenizer(d.tokenizer_type, d.tokenizer_model).vocab_size
+        except ValueError as e:
+            raise ValueError(f"--tokenizer-type {d.tokenizer_type} --tokenizer-model {d.tokenizer_model}: "
+                             f"{e}") from None
 
     def _build_datasets(self):
         from megaphi.data.gpt_dataset import build_train_valid_test_datasets
@@ -146,21 +154,26 @@ class Trainer:
         self.scaler = build_loss_scaler(p.fp16, p.loss_scale, p.initial_loss_scale, p.min_loss_scale,
                                         p.loss_scale_window, p.hysteresis)
 
-    def _resume(self) -> None:
+    def _checkpoint_to_load(self) -> tuple[Path | None, bool]:
+        """The checkpoint to start from (or None), and whether to resume it in full (else fine-tune its weights)."""
         c = self.config.checkpoint
         own = ckpt.find_checkpoint(c.save) if c.finetune and c.save else None
         if own is not None and ckpt.read_meta(own).get("config", {}).get("checkpoint", {}).get("finetune"):
-            self._load_full(own)  # an interrupted fine-tuning run continues from its own checkpoints
-        elif c.finetune:
-            path = ckpt.find_checkpoint(c.load, c.ckpt_step)
+            return own, True  # an interrupted fine-tuning run continues from its own checkpoints
+        if c.load is None:
+            return None, False
+        return ckpt.find_checkpoint(c.load, c.ckpt_step), not c.finetune
+
+    def _resume(self) -> None:
+        path, c = self.load_path, self.config.checkpoint
+        if path is None:
+            if c.load is not None:
+                self._print(f"note: --load {c.load} holds no checkpoint yet: starting from scratch")
+        elif self.load_full:
+            self._load_full(path)
+        else:
             ckpt.load_model_state(path, self.model)
             self._print(f"fine-tuning from {path}: weights only, fresh optimizer, iteration 0")
-        elif c.load is not None:
-            path = ckpt.find_checkpoint(c.load, c.ckpt_step)
-            if path is None:
-                self._print(f"note: --load {c.load} holds no checkpoint yet: starting from scratch")
-            else:
-                self._load_full(path)
 
     def _load_full(self, path: Path) -> None:
         meta, extra = ckpt.load_checkpoint(path, self.model, self.optimizer, load_rng=True)
@@ -265,10 +278,12 @@ class Trainer:
                     if self.iteration % c.logging.log_interval == 0:
                         self._log_interval(meter, lr, grad_norm)
                     if self.valid_ds is not None and self.iteration % c.logging.eval_interval == 0:
-                        result.valid_losses[self.iteration] = self._eval_and_log(self.valid_ds, "valid")
+                        with meter.paused():
+                            result.valid_losses[self.iteration] = self._eval_and_log(self.valid_ds, "valid")
                         evaluated_at = self.iteration
                     if c.checkpoint.save_interval and self.iteration % c.checkpoint.save_interval == 0:
-                        result.checkpoint, saved_at = self.save(), self.iteration
+                        with meter.paused():
+                            result.checkpoint, saved_at = self.save(), self.iteration
                     exit_interval = c.training.exit_interval
                     if stop.received or (exit_interval and self.iteration % exit_interval == 0):
                         result.stop_reason = "signal" if stop.received else "exit-interval"
@@ -338,12 +353,12 @@ def train(config: TrainConfig, ctx: ParallelContext | None = None, progress: boo
 def main(argv: list[str] | None = None, defaults: str | Path | None = None, description: str | None = None,
          finetune: bool = False) -> TrainResult:
     """Command-line entry point: parse flags over a YAML of defaults, then train; bad settings exit with status 2."""
-    config = parse_config(argv, defaults, description)
-    if finetune:
-        config.checkpoint.finetune = True
     try:
+        config = parse_config(argv, defaults, description)
+        if finetune:
+            config.checkpoint.finetune = True
         trainer = Trainer(config)
-    except ValueError as e:  # configuration errors: one line naming the flag, no traceback
+    except ValueError as e:  # configuration errors (flags, YAML files, checkpoints): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return trainer.run()
