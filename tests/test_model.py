@@ -32,6 +32,12 @@ def test_parameter_counts(name, expected):
     assert model.num_parameters() == expected
 
 
+@pytest.mark.parametrize("name", ["phi-1", "phi-1-small"])
+def test_phi_presets_pad_the_codegen_tokenizer_to_51200(name):
+    # phi-1 trains with codegen-350M-mono's 50295-token vocabulary; the released model has 51200 rows.
+    assert get_preset(name, vocab_size=50295).padded_vocab_size == 51200
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_counts_match(name):
     with torch.device("meta"):

@@ -89,7 +89,9 @@ class ModelConfig:
         )
 
 
-_PHI_SHAPE = dict(vocab_size=51200, max_position_embeddings=2048, rotary_dim=32)
+# phi-1's 51200 rows are its tokenizer's 50295 (codegen-350M-mono's) rounded up to a multiple of 1024; with that
+# multiple, a run that takes its vocabulary from that tokenizer gets the released shape (and HF conversion works).
+_PHI_SHAPE = dict(vocab_size=51200, max_position_embeddings=2048, rotary_dim=32, make_vocab_size_divisible_by=1024)
 PRESETS: dict[str, dict] = {
     # phi-1 (Gunasekar et al. 2023): 1.418B parameters.
     "phi-1": dict(num_layers=24, hidden_size=2048, num_attention_heads=32, ffn_hidden_size=8192, **_PHI_SHAPE),
