@@ -9,7 +9,7 @@ import pytest
 
 from megaphi.model import flops_per_token, get_preset
 from megaphi.train.config import parse_config
-from megaphi.train.metrics import format_line
+from megaphi.train.metrics import IntervalMeter, format_line
 from megaphi.train.trainer import train
 
 
@@ -148,3 +148,13 @@ def test_plot_metrics_of_a_killed_run_skips_its_torn_last_line(tmp_path):
     path.write_text('{"type": "train", "iterat\n' + json.dumps(records[0]) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON record"):
         plot_metrics(path, tmp_path / "plots")
+
+
+def test_interval_loss_leaves_out_skipped_steps():
+    meter = IntervalMeter()
+    meter.add(2.0, tokens=10, skipped=False)
+    meter.add(9.0, tokens=10, skipped=True)  # finite loss, but its gradients overflowed: the step was not taken
+    meter.add(4.0, tokens=10, skipped=False)
+    summary = meter.summary(flops_per_token=1.0, world_size=1, peak=None)
+    assert summary["loss"] == 3.0
+    assert summary["skipped_steps"] == 1

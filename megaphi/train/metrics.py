@@ -58,11 +58,11 @@ class IntervalMeter:
         self.iterations += 1
         self.tokens += tokens
         self.skipped += int(skipped)
-        if math.isfinite(loss):
+        if math.isfinite(loss) and not skipped:  # as Megatron: a skipped step's loss stays out of the average
             self.losses.append(loss)
 
     def summary(self, flops_per_token: float, world_size: int, peak: float | None) -> dict[str, Any]:
-        """Mean loss (finite steps), tokens/s, TFLOP/s per device, MFU and skipped steps of the interval."""
+        """Mean loss (steps not skipped), tokens/s, TFLOP/s per device, MFU and skipped steps of the interval."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens_per_s = self.tokens / elapsed
         tflops = tokens_per_s * flops_per_token / world_size / 1e12
