@@ -33,6 +33,16 @@ def write(prefix, docs, dtype=np.uint16):
     return IndexedDataset(prefix)
 
 
+def write_two_parts(prefix, folder) -> IndexedDataset:
+    """Splits the dataset at prefix into folder/a (first 100 documents) and folder/b (the rest); returns it."""
+    src = IndexedDataset(prefix)
+    docs = documents(src)
+    os.makedirs(folder)
+    write(os.path.join(folder, "a"), docs[:100])
+    write(os.path.join(folder, "b"), docs[100:])
+    return src
+
+
 def same_files(a, b) -> bool:
     return all(open(f"{a}{e}", "rb").read() == open(f"{b}{e}", "rb").read() for e in (".bin", ".idx"))
 
@@ -201,11 +211,7 @@ def test_merge_rejects_mixed_dtypes(tmp_path):
 
 
 def test_merge_cli(megatron_fixtures, repo_root, tmp_path):
-    src = IndexedDataset(megatron_fixtures / "hf_eod_text_document")
-    docs = documents(src)
-    (tmp_path / "parts").mkdir()
-    write(tmp_path / "parts" / "a", docs[:100])
-    write(tmp_path / "parts" / "b", docs[100:])
+    src = write_two_parts(megatron_fixtures / "hf_eod_text_document", tmp_path / "parts")
     cmd = [sys.executable, str(repo_root / "tools" / "merge_datasets.py"), "--input", str(tmp_path / "parts"),
            "--output-prefix", str(tmp_path / "all")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -239,11 +245,7 @@ def test_add_item_then_add_document_makes_one_document(tmp_path):
 
 def test_merge_cli_folder_leaves_out_its_own_output(megatron_fixtures, repo_root, tmp_path):
     """Merging a folder into a prefix inside it twice must not merge the first output into the second."""
-    src = IndexedDataset(megatron_fixtures / "spm_eod_text_document")
-    docs = documents(src)
-    (tmp_path / "parts").mkdir()
-    write(tmp_path / "parts" / "a", docs[:100])
-    write(tmp_path / "parts" / "b", docs[100:])
+    src = write_two_parts(megatron_fixtures / "spm_eod_text_document", tmp_path / "parts")
     cmd = [sys.executable, str(repo_root / "tools" / "merge_datasets.py"), "--input", str(tmp_path / "parts"),
            "--output-prefix", str(tmp_path / "parts" / "all")]
     for _ in range(2):
