@@ -63,11 +63,10 @@ class PhiAttention(nn.Module):
         self.dense = nn.Linear(h, h)
 
     def forward(self, x, kv_cache: KVCache | None = None):
-        b, s, _ = x.shape
-        # Heads inferred from the projection width, so a tensor-parallel shard works unchanged.
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        # Shapes come from the projections' outputs, not from x: a tensor-parallel shard yields fewer heads, and
+        # with sequence parallelism x holds a slice of the sequence that the projections all-gather.
+        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(*t.shape[:2], -1, self.head_dim) for t in (q, k, v))
         dropout_p = self.attention_dropout if self.training else 0.0
         if kv_cache is None:
             y = kernels.rotary_attention(q, k, v, self.rotary_dim, self.rope_theta, True, dropout_p)
@@ -76,7 +75,7 @@ class PhiAttention(nn.Module):
             k = kernels.apply_rotary(k, self.rotary_dim, self.rope_theta, kv_cache.length)
             k, v = kv_cache.update(self.layer_idx, k, v)
             y = kernels.attention(q, k, v, True, dropout_p)
-        return self.dense(y.reshape(b, s, -1))
+        return self.dense(y.reshape(*y.shape[:2], -1))
 
 
 class PhiMLP(nn.Module):
@@ -88,7 +87,7 @@ class PhiMLP(nn.Module):
         self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x):
-        return self.fc2(kernels.gelu_tanh(self.fc1(x)))
+        return kernels.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class PhiDecoderLayer(nn.Module):

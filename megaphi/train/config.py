@@ -115,6 +115,21 @@ class LoggingArgs:
     eval_iters: int = doc("global batches per validation run", 100)
     log_dir: str | None = doc("folder for metrics.jsonl and TensorBoard events (default: --save)")
     peak_tflops: float | None = doc("peak TFLOP/s of one device for MFU (default: known GPU table)")
+    code_eval: str | None = doc("at each validation, score pass@1 on BENCH:N problems (e.g. humaneval:40)")
+
+
+@dataclass
+class ParallelArgs:
+    """Tensor, sequence and data parallelism (data-parallel size = world size / tensor-parallel size)."""
+
+    tensor_model_parallel_size: int = doc("ranks that split each layer's weights (inside a node)", 1)
+    sequence_parallel: bool = doc("with tensor parallelism, run LayerNorm and dropout on sequence shards", False)
+    use_distributed_optimizer: bool = doc("ZeRO-1: shard fp32 master weights and Adam states over data parallel",
+                                          False)
+    ddp_bucket_size_mb: float = doc("size of the gradient buckets reduced during the backward pass, in MB", 25.0)
+    distributed_backend: str | None = doc("torch.distributed backend (default: nccl on GPUs, gloo on CPUs)", None,
+                                          choices=("nccl", "gloo"))
+    distributed_timeout_minutes: float = doc("timeout of collective operations, in minutes", 10.0)
 
 
 GROUPS = {
@@ -123,6 +138,7 @@ GROUPS = {
     "optimizer": OptimizerArgs,
     "schedule": ScheduleArgs,
     "precision": PrecisionArgs,
+    "parallel": ParallelArgs,
     "data": DataArgs,
     "checkpoint": CheckpointArgs,
     "logging": LoggingArgs,
@@ -138,6 +154,7 @@ class TrainConfig:
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
     precision: PrecisionArgs = field(default_factory=PrecisionArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)

@@ -5,30 +5,11 @@ Single process for now: tensor/sequence/data parallelism arrive with the paralle
 """
 
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass
-class ParallelContext:
-    """Where this process sits: global rank and world size, local rank, and its data-parallel rank/size."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    dp_rank: int = 0
-    dp_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process logs and writes shared files."""
-        return self.rank == 0
-
-    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of a scalar over the data-parallel ranks (one rank: itself)."""
-        return value
+from megaphi.parallel.state import ParallelContext
 
 
 def _env_int(name: str, default: int) -> int:
