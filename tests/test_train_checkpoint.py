@@ -31,13 +31,14 @@ def test_layout_latest_pointer_and_keep_last(data, tmp_path):
     assert names == ["iter_0000004", "iter_0000005"]  # pruned to the newest two
     assert (save / "latest").read_text().strip() == "iter_0000005"
     assert result.checkpoint == str(save / "iter_0000005")
-    assert sorted(os.listdir(save / "iter_0000005")) == ["meta.json", "model.pt", "optim.pt", "rng.pt"]
+    assert sorted(os.listdir(save / "iter_0000005")) == ["meta.json", "model_tp00.pt", "optim_tp00.pt",
+                                                         "rng_00000.pt"]
     meta = ckpt.read_meta(save / "iter_0000005")
     assert meta["iteration"] == 5 and meta["consumed_samples"] == 10
     assert meta["config"]["model"]["preset"] == "tiny" and meta["model_config"]["num_layers"] == 2
     assert not [p for p in save.iterdir() if p.name.startswith(".tmp_")]
     # Everything loads with weights_only=True.
-    for name in ("model.pt", "optim.pt", "rng.pt"):
+    for name in ("model_tp00.pt", "optim_tp00.pt", "rng_00000.pt"):
         torch.load(save / "iter_0000005" / name, weights_only=True)
     assert ckpt.prune(save, 1) == [save / "iter_0000004"]
 
@@ -114,12 +115,13 @@ def test_meta_is_json_with_layout(data, tmp_path):
     save = tmp_path / "ckpt"
     train(run_config(data, save, "--train-iters", "1"), progress=False)
     meta = json.loads((save / "iter_0000001" / "meta.json").read_text())
-    assert meta["layout"] == {"world_size": 1, "tensor_parallel": 1, "data_parallel": 1}
-    assert meta["format_version"] == 1
+    assert meta["layout"] == {"world_size": 1, "tensor_parallel": 1, "data_parallel": 1,
+                              "distributed_optimizer": False}
+    assert meta["format_version"] == 2 and meta["contents"] == ["model", "optim", "rng"]
 
 
-@pytest.mark.parametrize("name, damage", [("model.pt", "truncate"), ("optim.pt", "delete"), ("rng.pt", "garbage"),
-                                          ("meta.json", "garbage")])
+@pytest.mark.parametrize("name, damage", [("model_tp00.pt", "truncate"), ("optim_tp00.pt", "delete"),
+                                          ("rng_00000.pt", "garbage"), ("meta.json", "garbage")])
 def test_a_damaged_checkpoint_names_the_file(data, tmp_path, name, damage):
     save = tmp_path / "ckpt"
     train(run_config(data, save, "--train-iters", "1"), progress=False)

@@ -155,7 +155,7 @@ def test_bf16_keeps_fp32_master_weights_and_tracks_fp32(tmp_path):
     fp32_trainer, fp32 = small_run(tmp_path)
     trainer, bf16 = small_run(tmp_path, "--bf16")
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-    assert all(t.dtype == torch.float32 for s in trainer.optimizer.state.values() for t in s.values() if t.ndim)
+    assert all(t.dtype == torch.float32 for s in trainer.optimizer.optimizer.state.values() for t in s.values() if t.ndim)
     assert bf16.losses != fp32.losses  # the forward really ran in bf16...
     for step in fp32.losses:  # ...and stays close to fp32
         assert bf16.losses[step] == pytest.approx(fp32.losses[step], abs=0.05)

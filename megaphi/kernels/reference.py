@@ -88,7 +88,89 @@ def mlp(x, w1, b1, w2, b2):
 def linear_cross_entropy(hidden, weight, bias, labels, ignore_index=-100, reduction="mean", process_group=None):
     """Cross entropy of logits = hidden @ weight.T + bias (computed in fp32) against labels; hidden (..., h)."""
     if process_group is not None and torch.distributed.get_world_size(process_group) > 1:
-        raise NotImplementedError("the reference linear_cross_entropy does not take a vocab-sharded weight yet")
+        return _vocab_parallel_linear_cross_entropy(hidden, weight, bias, labels, ignore_index, reduction,
+                                                    process_group)
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias).float()
     loss = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
+
+
+# Tokens per chunk of the vocab-parallel cross entropy: one chunk's fp32 logits hold at most this many elements.
+VOCAB_PARALLEL_CE_CHUNK_ELEMENTS = 1 << 26
+
+
+def _token_chunks(num_tokens, vocab_shard):
+    step = max(1, VOCAB_PARALLEL_CE_CHUNK_ELEMENTS // vocab_shard)
+    return [slice(i, min(i + step, num_tokens)) for i in range(0, num_tokens, step)]
+
+
+def _shard_logits(hidden, weight, bias):
+    # The matmul in the input dtype, then fp32: the plain path's numerics, so TP and single-GPU runs agree.
+    return F.linear(hidden, weight, bias).float()
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy with the vocabulary split over the group; logits recomputed chunk by chunk.
+
+    hidden (tokens, h) is replicated over the group; weight/bias are this rank's rows [r*V/tp, (r+1)*V/tp).
+    The hidden gradient returned is this shard's part only: the caller's hidden must come through
+    copy_to_tp / gather_from_sp, whose backward sums it over the group.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, group):
+        from megaphi.parallel.mappings import all_reduce
+
+        shard = weight.shape[0]
+        local = labels - torch.distributed.get_rank(group) * shard
+        hit = (local >= 0) & (local < shard)  # this rank holds the target's row
+        local = local.where(hit, 0)
+        lse = hidden.new_empty(labels.shape, dtype=torch.float32)  # logsumexp over this shard
+        target = hidden.new_zeros(labels.shape, dtype=torch.float32)  # the target's logit, where hit
+        for c in _token_chunks(labels.shape[0], shard):
+            logits = _shard_logits(hidden[c], weight, bias)
+            lse[c] = torch.logsumexp(logits, dim=-1)
+            target[c] = logits.gather(1, local[c, None]).squeeze(1)
+        # The full-vocabulary logsumexp from the shards': max, then sum of exp; the target logit summed along.
+        top = all_reduce(lse.clone(), group, torch.distributed.ReduceOp.MAX)
+        stats = all_reduce(torch.stack((torch.exp(lse - top), target.where(hit, 0.0))), group)
+        lse = top + torch.log(stats[0])
+        valid = labels != ignore_index
+        ctx.save_for_backward(hidden, weight, bias, lse, local, hit, valid)
+        return (lse - stats[1]).where(valid, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, lse, local, hit, valid = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        scale = grad_losses.float().where(valid, 0.0)
+        dhidden = torch.zeros_like(hidden) if need_hidden else None
+        dweight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        dbias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for c in _token_chunks(hidden.shape[0], weight.shape[0]):
+            # d loss / d logits = softmax - onehot(target), times the incoming gradient of each token.
+            grad = torch.exp(_shard_logits(hidden[c], weight, bias) - lse[c, None])
+            grad.scatter_add_(1, local[c, None], -hit[c, None].float())
+            grad = (grad * scale[c, None]).to(weight.dtype)
+            if need_hidden:
+                dhidden[c] = grad @ weight
+            if need_weight:
+                dweight += grad.t() @ hidden[c]
+            if need_bias:
+                dbias += grad.sum(0, dtype=torch.float32)
+        return (dhidden, None if dweight is None else dweight.to(weight.dtype),
+                None if dbias is None else dbias.to(bias.dtype), None, None, None)
+
+
+def _vocab_parallel_linear_cross_entropy(hidden, weight, bias, labels, ignore_index, reduction, group):
+    """linear_cross_entropy with weight/bias this rank's vocab shard; never builds more than a chunk of logits."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    flat = labels.reshape(-1)
+    losses = _VocabParallelLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat,
+                                                    ignore_index, group)
+    if reduction == "none":
+        return losses.view(labels.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (flat != ignore_index).sum()

@@ -81,6 +81,17 @@ def validate_config(config: TrainConfig, dp_size: int = 1) -> None:
         raise ValueError(f"--load {c.load}: no checkpoint to fine-tune from")
     if (d.tokenizer_type is None) != (d.tokenizer_model is None):
         raise ValueError("--tokenizer-type and --tokenizer-model must be given together")
+    if log.code_eval is not None:
+        from megaphi.eval.training_hook import parse_code_eval_spec
+
+        parse_code_eval_spec(log.code_eval)
+        if d.tokenizer_type is None:
+            raise ValueError(f"--code-eval {log.code_eval} needs --tokenizer-type and --tokenizer-model (completions "
+                             f"are decoded to text and run)")
+        if config.parallel.tensor_model_parallel_size > 1:
+            raise ValueError(f"--code-eval generates on rank 0 with the whole model, so it does not run with "
+                             f"--tensor-model-parallel-size {config.parallel.tensor_model_parallel_size}; score the "
+                             f"checkpoints with tools/evaluate_code.py instead")
     if d.tokenizer_model is not None and not Path(d.tokenizer_model).exists():
         raise ValueError(f"--tokenizer-model {d.tokenizer_model}: not found")
     check_data_files(d.data_path)

@@ -1,37 +1,26 @@
-"""The process layout seen by the trainer: ranks from torchrun's environment, the device, and the parallel hook.
-
-Single process for now: tensor/sequence/data parallelism arrive with the parallelism issue, which replaces
-`setup_distributed` (process groups) and `parallelize` (TP layers, DP gradient reduction) behind this seam.
-"""
-
-import os
+"""The process layout seen by the trainer: launch, process groups, the device, and the parallel model hook."""
 
 import torch
 from torch import nn
 
 from megaphi.parallel.state import ParallelContext
+from megaphi.train.config import ParallelArgs
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+def setup_distributed(parallel: ParallelArgs | None = None) -> ParallelContext:
+    """Initialises torch.distributed from the launcher (torchrun, mpiexec, srun; nothing for one process) and
+    builds the tensor- and data-parallel groups."""
+    from megaphi.parallel.groups import build_parallel_context
+    from megaphi.parallel.launch import init_distributed
 
-
-def setup_distributed() -> ParallelContext:
-    """Reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun); more than one process is refused until the parallelism issue."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if world_size > 1:
-        raise ValueError(f"WORLD_SIZE={world_size}: megaphi trains in one process for now; data and tensor "
-                         f"parallelism (--tensor-model-parallel-size, DP over torch.distributed) arrive with the "
-                         f"parallelism issue. Run with one process (torchrun --nproc_per_node 1).")
-    return ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, dp_rank=0, dp_size=1)
+    p = parallel or ParallelArgs()
+    if p.tensor_model_parallel_size < 1:
+        raise ValueError(f"--tensor-model-parallel-size must be at least 1, got {p.tensor_model_parallel_size}")
+    if p.ddp_bucket_size_mb <= 0 or p.distributed_timeout_minutes <= 0:
+        raise ValueError(f"--ddp-bucket-size-mb ({p.ddp_bucket_size_mb}) and --distributed-timeout-minutes "
+                         f"({p.distributed_timeout_minutes}) must be positive")
+    init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
+    return build_parallel_context(p.tensor_model_parallel_size, p.sequence_parallel)
 
 
 def select_device(ctx: ParallelContext) -> torch.device:
@@ -43,6 +32,21 @@ def select_device(ctx: ParallelContext) -> torch.device:
     return torch.device("cpu")
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
-    """The hook where TP layers are swapped in and DP wrapping happens; the identity for one process."""
-    return model
+def parallelize(model: nn.Module, ctx: ParallelContext, seed: int) -> nn.Module:
+    """Swaps in this rank's tensor-parallel layers (the identity for tp_size 1) and seeds the TP dropout RNG."""
+    from megaphi.parallel.random import get_tracker
+    from megaphi.parallel.tensor_parallel import apply_tensor_parallel
+
+    get_tracker().set_seed(seed, ctx.tp_rank)
+    return apply_tensor_parallel(model, ctx)
+
+
+def agree_on_stop(ctx: ParallelContext, stop: bool, device: torch.device) -> bool:
+    """Whether any rank wants to stop (a signal may reach only some of them); device: where NCCL can reduce."""
+    if ctx.world_size == 1:
+        return stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(stop)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

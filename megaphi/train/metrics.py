@@ -191,6 +191,17 @@ class MetricsLogger:
                 self.writer.add_scalar(f"{split}/ppl", ppl, iteration)
             self.writer.flush()
 
+    def log_scalars(self, iteration: int, kind: str, values: dict[str, float]) -> None:
+        """Logs named scalars (e.g. code-eval pass@1) as one record of type kind."""
+        if not self.enabled or not values:
+            return
+        self.print(f"{kind} at iteration {iteration}: " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        self._write({"type": kind, "iteration": iteration, **values})
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{kind}/{key}", value, iteration)
+            self.writer.flush()
+
     def close(self) -> None:
         """Flushes and closes the files and the progress bar."""
         if self.bar is not None:

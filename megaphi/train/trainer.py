@@ -1,5 +1,6 @@
 """The training loop: gradient accumulation to the global batch, validation, checkpoints, logging, signals."""
 
+import contextlib
 import dataclasses
 import random
 import signal
@@ -13,13 +14,18 @@ import numpy as np
 import torch
 
 from megaphi.model import PhiForCausalLM, flops_per_token, num_parameters
+from megaphi.parallel.data_parallel import build_parallel_optimizer
+from megaphi.parallel.groups import check_layout
+from megaphi.parallel.random import get_tracker
 from megaphi.train import checkpoint as ckpt
 from megaphi.train.checks import (check_checkpoint_model, check_data_vocab, global_batch_size,
                                   resolve_model_config, validate_config)
 from megaphi.train.config import TrainConfig, parse_config
-from megaphi.train.distributed import ParallelContext, parallelize, select_device, setup_distributed
+from megaphi.train.distributed import (ParallelContext, agree_on_stop, parallelize, select_device,
+                                       setup_distributed)
+from megaphi.parallel.launch import destroy_distributed
 from megaphi.train.metrics import IntervalMeter, MetricsLogger, device_peak_tflops
-from megaphi.train.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
+from megaphi.train.optim import LRSchedule, set_lr
 from megaphi.train.precision import autocast, autocast_dtype, build_loss_scaler
 
 
@@ -75,13 +81,15 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, ctx: ParallelContext | None = None, progress: bool | None = None):
         self.config = config
-        self.ctx = ctx or setup_distributed()
+        self.ctx = ctx or setup_distributed(config.parallel)
         self.progress = progress
         self.logger: MetricsLogger | None = None
         validate_config(config, self.ctx.dp_size)
         self.global_batch = global_batch_size(config, self.ctx.dp_size)
         self.model_config = resolve_model_config(config, self._tokenizer_vocab_size())
         self.seq_length = config.training.seq_length or self.model_config.max_position_embeddings
+        check_layout(self.model_config, self.ctx.tp_size, self.ctx.world_size,
+                     sequence_parallel=self.ctx.sequence_parallel, seq_length=self.seq_length)
         check_data_vocab(config, self.model_config)
         if config.model.kernels is not None:
             from megaphi import kernels
@@ -91,13 +99,14 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"--kernels: {e}") from None
         self.device = select_device(self.ctx)
-        self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()
+        self.train_ds, self.valid_ds, self.test_ds = self._build_datasets()  # rank 0 builds the index caches first
         self.load_path, self.load_full = self._checkpoint_to_load()
         if self.load_path is not None:  # before building the model: a phi-1 takes a while to initialise
             check_checkpoint_model(self.load_path, self.model_config)
         self._build_model_and_optimizer()
         self.iteration, self.consumed = 0, 0
         self._resume()
+        self.code_eval = self._build_code_eval()
 
     def _print(self, text: str) -> None:
         if self.logger is not None:
@@ -141,12 +150,15 @@ class Trainer:
     def _build_model_and_optimizer(self) -> None:
         c = self.config
         seed_everything(c.training.seed)
-        model = PhiForCausalLM(self.model_config)  # initialised on the CPU: the same weights on any device
+        # The full model is initialised on the CPU from the seed, then each rank keeps its tensor-parallel shard:
+        # the same starting weights at any device and any layout.
+        model = PhiForCausalLM(self.model_config)
         model.set_activation_checkpointing(c.model.recompute_activations)
-        self.model = parallelize(model.to(self.device), self.ctx)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        o, s = c.optimizer, c.schedule
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
+        self.model = parallelize(model, self.ctx, c.training.seed).to(self.device)
+        o, s, par = c.optimizer, c.schedule, c.parallel
+        self.optimizer = build_parallel_optimizer(
+            self.model, self.ctx, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps,
+            distributed_optimizer=par.use_distributed_optimizer, bucket_size_mb=par.ddp_bucket_size_mb)
         decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else c.training.train_iters
         self.schedule = LRSchedule(o.lr, s.min_lr, s.lr_warmup_iters, decay_iters, s.lr_decay_style)
         p = c.precision
@@ -172,11 +184,13 @@ class Trainer:
         elif self.load_full:
             self._load_full(path)
         else:
-            ckpt.load_model_state(path, self.model)
+            ckpt.load_model_state(path, self.model, self.ctx)
             self._print(f"fine-tuning from {path}: weights only, fresh optimizer, iteration 0")
 
     def _load_full(self, path: Path) -> None:
-        meta, extra = ckpt.load_checkpoint(path, self.model, self.optimizer, load_rng=True)
+        meta, extra = ckpt.load_checkpoint(path, self.model, self.optimizer, load_rng=True, ctx=self.ctx)
+        if "rng_extra" in extra:
+            get_tracker().set_state(extra["rng_extra"])
         if "loss_scaler" in extra:
             self.scaler.load_state_dict(extra["loss_scaler"])
         self.iteration, self.consumed = int(meta["iteration"]), int(meta["consumed_samples"])
@@ -190,19 +204,23 @@ class Trainer:
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step over the next global batch: (loss, grad norm, skipped for inf/nan gradients)."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         indices = batch_indices(self.consumed, self.global_batch, self.ctx.dp_rank, self.ctx.dp_size)
         n_micro = len(indices) // self.config.training.micro_batch_size
         total = torch.zeros((), device=self.device)
-        for input_ids, labels in micro_batches(self.train_ds, indices, self.config.training.micro_batch_size,
-                                               self.device):
-            with autocast(self.device, self.amp_dtype):
-                loss = self.model(input_ids, labels=labels)
-            self.scaler.scale_loss(loss.float() / n_micro).backward()
+        batches = micro_batches(self.train_ds, indices, self.config.training.micro_batch_size, self.device)
+        for i, (input_ids, labels) in enumerate(batches):
+            # Data-parallel gradients are reduced only in the last micro-batch's backward, overlapping it.
+            with contextlib.nullcontext() if i == n_micro - 1 else self.optimizer.no_sync():
+                with autocast(self.device, self.amp_dtype):
+                    loss = self.model(input_ids, labels=labels)
+                self.scaler.scale_loss(loss.float() / n_micro).backward()
             total += loss.detach().float()
+        self.optimizer.finish_grad_sync()
         loss = self.ctx.mean_over_dp(total / n_micro)
-        self.scaler.unscale_(self.params)
-        grad_norm = clip_grad_norm(self.params, self.config.optimizer.clip_grad)
+        if self.scaler.scale != 1.0:
+            self.optimizer.unscale_(1.0 / self.scaler.scale)
+        grad_norm = self.optimizer.clip_grad_norm(self.config.optimizer.clip_grad)
         skipped = not bool(torch.isfinite(grad_norm))
         if not skipped:
             self.optimizer.step()
@@ -226,18 +244,19 @@ class Trainer:
         return float(self.ctx.mean_over_dp(total / max(count, 1)))
 
     def save(self) -> str | None:
-        """Writes a checkpoint of the current state to --save (rank 0); returns its path."""
-        c = self.config.checkpoint
-        if c.save is None or not self.ctx.is_main:
+        """Writes a checkpoint of the current state to --save (collective: every rank writes its shards)."""
+        c, c_par = self.config.checkpoint, self.config.parallel
+        if c.save is None:
             return None
         meta = {
             "consumed_samples": self.consumed,
             "config": self.config.to_dict(),
             "model_config": dataclasses.asdict(self.model_config),
-            "layout": {"world_size": self.ctx.world_size, "tensor_parallel": 1, "data_parallel": self.ctx.dp_size},
+            "layout": {"distributed_optimizer": c_par.use_distributed_optimizer},
         }
         extra = {"loss_scaler": self.scaler.state_dict(), "schedule": self.schedule.state_dict()}
-        path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, extra, meta, c.keep_last)
+        path = ckpt.save_checkpoint(c.save, self.iteration, self.model, self.optimizer, extra, meta, c.keep_last,
+                                    ctx=self.ctx, rng_extra=get_tracker().get_state())
         self._print(f"saved checkpoint {path}")
         return str(path)
 
@@ -250,7 +269,10 @@ class Trainer:
             f"(padded {m.padded_vocab_size})\n"
             f"training: {c.training.train_iters} iterations × {self.global_batch} samples × {self.seq_length} "
             f"tokens, micro batch {c.training.micro_batch_size}, {precision} on {self.device}; "
-            f"train/valid/test samples {len(self.train_ds)}/{len(self.valid_ds or [])}/{len(self.test_ds or [])}")
+            f"train/valid/test samples {len(self.train_ds)}/{len(self.valid_ds or [])}/{len(self.test_ds or [])}\n"
+            f"parallel: {self.ctx.world_size} processes = tensor parallel {self.ctx.tp_size} × data parallel "
+            f"{self.ctx.dp_size}{', sequence parallel' if self.ctx.sequence_parallel else ''}"
+            f"{', distributed optimizer' if c.parallel.use_distributed_optimizer else ''}")
 
     def run(self) -> TrainResult:
         """Trains to --train-iters (or --exit-interval, or a SIGTERM/SIGINT), saving and evaluating on the way."""
@@ -285,8 +307,10 @@ class Trainer:
                         with meter.paused():
                             result.checkpoint, saved_at = self.save(), self.iteration
                     exit_interval = c.training.exit_interval
-                    if stop.received or (exit_interval and self.iteration % exit_interval == 0):
-                        result.stop_reason = "signal" if stop.received else "exit-interval"
+                    # Every rank must stop at the same iteration, even when only some received the signal.
+                    signalled = agree_on_stop(self.ctx, stop.received is not None, self.device)
+                    if signalled or (exit_interval and self.iteration % exit_interval == 0):
+                        result.stop_reason = "signal" if signalled else "exit-interval"
                         self._print(f"stopping at iteration {self.iteration} ({result.stop_reason})")
                         break
             if result.stop_reason == "done" and result.losses:
@@ -315,9 +339,25 @@ class Trainer:
         self.logger.log_train(record)
         meter.reset()
 
+    def _build_code_eval(self):
+        """The --code-eval hook on rank 0 (None elsewhere, or without the flag)."""
+        spec = self.config.logging.code_eval
+        if spec is None or not self.ctx.is_main:
+            return None
+        from megaphi.data.tokenizer import build_tokenizer
+        from megaphi.eval.training_hook import CodeEvalHook
+
+        d = self.config.data
+        # Up to 256 new tokens, fewer for a model with short positions (prompts then keep their last tokens).
+        max_new = min(256, self.model_config.max_position_embeddings // 2)
+        return CodeEvalHook.from_spec(spec, build_tokenizer(d.tokenizer_type, d.tokenizer_model),
+                                      max_new_tokens=max_new)
+
     def _eval_and_log(self, dataset, split: str) -> float:
         loss = self.evaluate(dataset)
         self.logger.log_eval(self.iteration, split, loss)
+        if split == "valid" and self.code_eval is not None:  # rank 0; the others wait at the next collective
+            self.logger.log_scalars(self.iteration, "code_eval", self.code_eval(self.model, self.iteration))
         return loss
 
 
@@ -361,4 +401,7 @@ def main(argv: list[str] | None = None, defaults: str | Path | None = None, desc
     except ValueError as e:  # configuration errors (flags, YAML files, checkpoints): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        destroy_distributed()
