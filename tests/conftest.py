@@ -5,6 +5,15 @@ from pathlib import Path
 
 import pytest
 
+# Without a GPU, Triton kernels run in its CPU interpreter; it must be chosen before any test imports triton.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

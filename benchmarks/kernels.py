@@ -1,0 +1,273 @@
+"""megaphi's Triton kernels against the best plain-PyTorch path: correctness in bf16, then speed and memory.
+
+    python benchmarks/kernels.py                                  # a GPU: phi-1 shapes, every op, a table
+    python benchmarks/kernels.py --output benchmarks/results/kernels-h100.md   # also a markdown (or .json) file
+    python benchmarks/kernels.py --attention-variants             # also time the attention module's settings
+    python benchmarks/kernels.py --smoke                          # no GPU: tiny fp32 shapes in the interpreter
+
+First each op runs at --check-batch on the same inputs through the fused kernel and the reference, both in --dtype,
+and both are compared with the reference on fp32 copies: the report gives the fused kernel's relative error
+(||a - b|| / ||b||, worst of the output and the input gradients) against the bf16 reference and against fp32, and
+the bf16 reference's own error against fp32. Then forward+backward is timed with CUDA events (median of --iters)
+at --batch, against the plain-PyTorch path: SDPA (flash backend) after a separate rotary; F.linear +
+F.gelu(approximate="tanh"); adds + F.layer_norm; F.linear + F.cross_entropy on fp32 logits (the reference's
+numerics). Peak memory is what the step allocates beyond its inputs.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+TARGETS = {"attention": 1.15, "mlp": 1.1, "layer_norm": 1.3, "cross_entropy": 1.0}
+MEMORY_TARGETS = {"cross_entropy": 0.25}  # fused peak / baseline peak at most
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ops", default="attention,mlp,layer_norm,cross_entropy", help="comma-separated ops to run")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--rotary-dim", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=51200)
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--check-batch", type=int, default=1, help="batch of the correctness pass")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--attention-variants", action="store_true",
+                   help="also time each ROTARY_K x UNROTATE setting of megaphi.kernels.triton.attention")
+    p.add_argument("--output", help="write the results here: .json for JSON, anything else markdown")
+    p.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU in the Triton interpreter")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.check_batch, args.seq, args.heads, args.head_dim, args.rotary_dim = 2, 1, 16, 2, 32, 16
+        args.ffn, args.vocab, args.warmup, args.iters = 96, 300, 1, 2
+    return args
+
+
+def make_cases(args, torch, reference, tk):
+    """{op: (inputs(batch, dtype) -> tensors, fused, baseline, flops(batch), bytes(batch))} for the chosen ops."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s, h, d, ffn, vocab = args.seq, args.heads, args.head_dim, args.ffn, args.vocab
+    hidden = h * d
+    dev = "cpu" if args.smoke else "cuda"
+
+    def leaf(*shape, dtype, scale=1.0, shift=0.0):
+        return (torch.randn(shape, device=dev) * scale + shift).to(dtype).requires_grad_()
+
+    def attention_inputs(b, dtype):
+        return [leaf(b, s, h, d, dtype=dtype) for _ in range(3)]
+
+    def attention_baseline(q, k, v):
+        if args.smoke or q.dtype == torch.float32:  # the fp32 ground truth: flash takes only 16-bit inputs
+            return reference.rotary_attention(q, k, v, args.rotary_dim)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return reference.rotary_attention(q, k, v, args.rotary_dim)
+
+    def mlp_inputs(b, dtype):
+        return [leaf(b, s, hidden, dtype=dtype), leaf(ffn, hidden, dtype=dtype, scale=hidden**-0.5),
+                leaf(ffn, dtype=dtype, scale=0.02), leaf(hidden, ffn, dtype=dtype, scale=ffn**-0.5),
+                leaf(hidden, dtype=dtype, scale=0.02)]
+
+    def ln_inputs(b, dtype):
+        return [leaf(b, s, hidden, dtype=dtype) for _ in range(3)] + [leaf(hidden, dtype=dtype, scale=0.1, shift=1.0),
+                                                                       leaf(hidden, dtype=dtype, scale=0.1)]
+
+    labels = {}
+
+    def ce_inputs(b, dtype):
+        labels[b] = torch.randint(0, vocab, (b, s), device=dev)
+        labels[b][:, : s // 8] = -100
+        return [leaf(b, s, hidden, dtype=dtype), leaf(vocab, hidden, dtype=dtype, scale=hidden**-0.5),
+                leaf(vocab, dtype=dtype, scale=0.02)]
+
+    def ce(fn):
+        return lambda x, w, bias: fn(x, w, bias, labels[x.shape[0]])
+
+    cases = {
+        "attention": (attention_inputs, lambda q, k, v: tk.rotary_attention(q, k, v, args.rotary_dim),
+                      attention_baseline, lambda b: 3.5 * 2 * b * h * s * s * d, None),
+        "mlp": (mlp_inputs, tk.mlp, reference.mlp, lambda b: 12 * b * s * hidden * ffn, None),
+        "layer_norm": (ln_inputs, lambda x, a, m, w, bias: tk.layer_norm(x, w, bias, 1e-5, (a, m)),
+                       lambda x, a, m, w, bias: reference.layer_norm(x, w, bias, 1e-5, (a, m)), None,
+                       lambda b, e: 9 * b * s * hidden * e),  # fwd: 3 reads, 2 writes; bwd: 3 reads, 1 write
+        "cross_entropy": (ce_inputs, ce(tk.linear_cross_entropy), ce(reference.linear_cross_entropy),
+                          lambda b: 6 * b * s * hidden * vocab, None),
+    }
+    if not hasattr(tk, "rotary_attention"):
+        print("attention: megaphi.kernels.triton has no rotary_attention yet; skipped")
+        del cases["attention"]
+    return {op: cases[op] for op in args.ops.split(",") if op in cases}
+
+
+def forward_backward(torch, fn, inputs, cotangents=None):
+    """fn(*inputs) and the gradients of the inputs (grad, not backward: nothing accumulates between runs)."""
+    out = fn(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    if cotangents is None:
+        cotangents = [torch.randn_like(o) for o in out]
+    grads = torch.autograd.grad(out, inputs, [c.to(o.dtype) for c, o in zip(cotangents, out)])
+    return list(out) + list(grads), cotangents
+
+
+def rel_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def check(torch, fused, baseline, inputs):
+    """Worst relative errors: fused vs reference (same dtype), fused vs fp32 reference, reference vs fp32."""
+    exact = [t.detach().float().requires_grad_() for t in inputs]
+    truth, cot = forward_backward(torch, baseline, exact)
+    ref, _ = forward_backward(torch, baseline, inputs, cot)
+    out, _ = forward_backward(torch, fused, inputs, cot)
+    return (max(rel_error(a, r) for a, r in zip(out, ref)), max(rel_error(a, t) for a, t in zip(out, truth)),
+            max(rel_error(r, t) for r, t in zip(ref, truth)))
+
+
+def time_step(torch, fn, inputs, warmup, iters, smoke):
+    """(median ms of forward+backward, peak MiB allocated by one step beyond its inputs)."""
+    cot = forward_backward(torch, fn, inputs)[1]
+    for _ in range(warmup):
+        forward_backward(torch, fn, inputs, cot)
+    times = []
+    if smoke:
+        for _ in range(iters):
+            start = time.perf_counter()
+            forward_backward(torch, fn, inputs, cot)
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times), float("nan")
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        forward_backward(torch, fn, inputs, cot)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward_backward(torch, fn, inputs, cot)
+    torch.cuda.synchronize()
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_op(torch, args, op, case, dtype):
+    make_inputs, fused, baseline, flops, nbytes = case
+    row = {"op": op}
+    torch.manual_seed(0)
+    row["err_vs_ref"], row["err_vs_fp32"], row["ref_err_vs_fp32"] = check(torch, fused, baseline,
+                                                                          make_inputs(args.check_batch, dtype))
+    row["accurate"] = row["err_vs_fp32"] <= 2 * row["ref_err_vs_fp32"] + 1e-3
+    inputs = make_inputs(args.batch, dtype)
+    for name, fn in (("fused", fused), ("baseline", baseline)):
+        row[f"{name}_ms"], row[f"{name}_peak_mib"] = time_step(torch, fn, inputs, args.warmup, args.iters, args.smoke)
+        if flops is not None:
+            row[f"{name}_tflops"] = flops(args.batch) / row[f"{name}_ms"] / 1e9
+        if nbytes is not None:
+            row[f"{name}_gbps"] = nbytes(args.batch, inputs[0].element_size()) / row[f"{name}_ms"] / 1e6
+    del inputs
+    row["speedup"] = row["baseline_ms"] / row["fused_ms"]
+    row["memory_ratio"] = row["fused_peak_mib"] / row["baseline_peak_mib"] if row["baseline_peak_mib"] else None
+    if op in TARGETS and not args.smoke:
+        row["target"] = TARGETS[op]
+        row["meets_target"] = row["speedup"] >= TARGETS[op] and (
+            op not in MEMORY_TARGETS or (row["memory_ratio"] or 0) <= MEMORY_TARGETS[op])
+    return row
+
+
+def attention_variant_rows(torch, args, case, dtype):
+    """The attention case once per ROTARY_K x UNROTATE setting of the attention module."""
+    import importlib
+
+    attention = importlib.import_module("megaphi.kernels.triton.attention")
+    if not (hasattr(attention, "ROTARY_K") and hasattr(attention, "UNROTATE")):
+        return []
+    rows, saved = [], (attention.ROTARY_K, attention.UNROTATE)
+    try:
+        for rotary_k in ("prepass", "inloop"):
+            for unrotate in ("epilogue", "postpass"):
+                attention.ROTARY_K, attention.UNROTATE = rotary_k, unrotate
+                rows.append(run_op(torch, args, f"attention[{rotary_k},{unrotate}]", case, dtype))
+    finally:
+        attention.ROTARY_K, attention.UNROTATE = saved
+    return rows
+
+
+def fmt(value, spec=".2f"):
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def table(rows):
+    lines = ["| op | fused ms | PyTorch ms | speedup (target) | TFLOP/s fused / PyTorch | GB/s fused / PyTorch | "
+             "peak MiB fused / PyTorch | rel err vs ref / vs fp32 (ref's own) |", "|" + "---|" * 8]
+    for r in rows:
+        target = f" (≥{r['target']}{'' if r['meets_target'] else ' MISSED'})" if "target" in r else ""
+        lines.append(
+            f"| {r['op']} | {fmt(r['fused_ms'], '.3f')} | {fmt(r['baseline_ms'], '.3f')} | "
+            f"{r['speedup']:.2f}x{target} | "
+            f"{fmt(r.get('fused_tflops'), '.0f')} / {fmt(r.get('baseline_tflops'), '.0f')} | "
+            f"{fmt(r.get('fused_gbps'), '.0f')} / {fmt(r.get('baseline_gbps'), '.0f')} | "
+            f"{fmt(r['fused_peak_mib'], '.0f')} / {fmt(r['baseline_peak_mib'], '.0f')} | "
+            f"{r['err_vs_ref']:.2e} / {r['err_vs_fp32']:.2e} ({r['ref_err_vs_fp32']:.2e})"
+            f"{'' if r['accurate'] else ' INACCURATE'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured. "
+              "Run with --smoke for a tiny correctness pass through the Triton interpreter on CPU.")
+        return 0
+    from megaphi import kernels
+    from megaphi.kernels import reference
+
+    reason = kernels.backend_status()["triton"]
+    if reason != "available":
+        print(f"the triton backend is not available: {reason}")
+        return 1
+    from megaphi.kernels import triton as tk
+
+    dtype = torch.float32 if args.smoke else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cases = make_cases(args, torch, reference, tk)
+    rows = []
+    for op, case in cases.items():
+        rows.append(run_op(torch, args, op, case, dtype))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if op == "attention" and args.attention_variants:
+            rows += attention_variant_rows(torch, args, case, dtype)
+    import triton
+
+    device = "CPU (Triton interpreter)" if args.smoke else torch.cuda.get_device_name()
+    meta = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
+            "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
+            "dtype": "fp32" if args.smoke else args.dtype,
+            "shapes": {k: getattr(args, k) for k in ("batch", "seq", "heads", "head_dim", "rotary_dim", "ffn",
+                                                      "vocab", "check_batch")}}
+    text = (f"# Kernel benchmark, {meta['date']}, {device}\n\n`{meta['command']}`: torch {meta['torch']}, triton "
+            f"{meta['triton']}, {meta['dtype']}, shapes {meta['shapes']}; median of {args.iters} fwd+bwd steps."
+            f"{' Interpreter times mean nothing: this checks that every kernel runs.' if args.smoke else ''}\n\n"
+            f"{table(rows)}\n")
+    print("\n" + text)
+    if args.output:
+        with open(args.output, "w") as f:
+            if args.output.endswith(".json"):
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            else:
+                f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
