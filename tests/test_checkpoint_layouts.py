@@ -317,6 +317,21 @@ def test_weights_only_checkpoint(tmp_path):
     assert not (tmp_path / "w3").exists() and not (tmp_path / "w4").exists()
 
 
+def save_with_unwritable_meta(root: str) -> None:
+    """Rank 0 fails to write meta.json (a TypeError, not an OSError): every rank raises, none waits in _agree."""
+    ctx = make_context(1)
+    model, opt = build_rank(1, 0, seed=0)
+    meta = {**meta_for(), "not_json": {1, 2}}
+    error = (TypeError, "not JSON serializable") if ctx.rank == 0 else (ValueError, "committing .* failed on 1 other")
+    with pytest.raises(error[0], match=error[1]):
+        ckpt.save_checkpoint(f"{root}/bad_meta", 1, model, opt, meta=meta, ctx=ctx)
+    assert ckpt.list_checkpoints(f"{root}/bad_meta") == []
+
+
+def test_a_failed_commit_fails_every_rank(tmp_path):
+    run_ranks(2, tmp_path, save_with_unwritable_meta, str(tmp_path))
+
+
 def test_mismatches_and_damage_are_named(saved, tmp_path):
     other = PhiForCausalLM(CONFIG.replace(num_layers=3))
     with pytest.raises(ValueError, match=r"does not fit this model .*missing keys \['model.layers.2"):

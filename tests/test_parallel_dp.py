@@ -377,6 +377,25 @@ def test_load_rejects_other_layouts():
         opt.load_state_dict_by_name(sd)
 
 
+def test_load_keeps_this_machines_implementation_flags():
+    """A plain torch state (format 1) holds fused=/foreach= of the machine that saved it: only hyperparameters load."""
+    from megaphi.train.checkpoint_shards import torch_optimizer_state_by_name
+
+    model = tiny_model()
+    saved_opt = torch.optim.AdamW(optim.param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS, fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    saved_opt.step()
+    sd = torch_optimizer_state_by_name(saved_opt, model)
+    for zero in (False, True):
+        opt = build_parallel_optimizer(model, None, LR / 2, WD, BETAS, EPS, zero, BUCKET_MB)
+        before = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups]
+        opt.load_state_dict_by_name(sd)
+        assert [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups] == before
+        assert [g["lr"] for g in opt.param_groups] == [LR, LR]
+        opt.step()  # fused and foreach together would raise here
+
+
 def test_fake_tensor_parallel_norm_and_sequence_parallel_grads(runs):
     full = Toy()
     opt = optim.build_optimizer(full, LR, WD, BETAS, EPS)

@@ -26,7 +26,8 @@ print(json.dumps({"rank": rank, "world": world, "local": local, "sum": total.ite
 destroy_distributed()
 """
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
-               "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID",
+               "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_RANK",
+               "MV2_COMM_WORLD_SIZE", "MPI_LOCALRANKID",
                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_ID",
                "SLURM_STEPID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NODELIST")
 
@@ -138,6 +139,14 @@ def test_mpi_launch_without_mpi4py_says_what_to_install(script, tmp_path):
                          env=clean_env(PMI_RANK="0", PMI_SIZE="2", PYTHONPATH=str(tmp_path / "shadow")))
     assert run.returncode != 0
     assert "MPI launch was detected (PMI_RANK is set)" in run.stderr and "pip install megaphi[mpi]" in run.stderr
+
+
+def test_mpi4py_of_another_mpi_is_refused(script):
+    """A launcher's variables (here MVAPICH's) that mpi4py's MPI ignores: each process would be a world of one."""
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60,
+                         env=clean_env(MV2_COMM_WORLD_RANK="0", MV2_COMM_WORLD_SIZE="2"))
+    assert run.returncode != 0, run.stdout
+    assert "the launcher started 2 processes (MV2_COMM_WORLD_SIZE=2) but mpi4py's MPI" in run.stderr, run.stderr
 
 
 def set_env(monkeypatch, **values):

@@ -8,6 +8,7 @@ each rank wrote. Workers never assert (a rank failing between collectives would 
 
 import copy
 import json
+from collections import Counter
 import socket
 from datetime import timedelta
 
@@ -144,6 +145,49 @@ def measure_collectives_per_layer(ctx):
     return per_layer
 
 
+def measure_wrapped_collectives(ctx):
+    """Every torch.distributed call made by one more layer, seen by wrapping the collectives from outside."""
+    names = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all", "all_gather_into_tensor",
+             "reduce_scatter_tensor", "send", "recv")
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
+    calls: list[tuple[str, str, int]] = []
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            tensor = args[1] if name == "all_gather" else args[0]
+            group = kwargs.get("group", args[2] if name == "all_gather" and len(args) > 2 else None)
+            calls.append((name, "tp" if group is ctx.tp_group else "other", tensor.numel() * tensor.element_size()))
+            return fn(*args, **kwargs)
+        return counted
+
+    ids, labels = batch()
+    runs = []
+    try:
+        for name, fn in originals.items():
+            setattr(dist, name, wrap(name, fn))
+        for layers in (1, 2):
+            model = apply_tensor_parallel(full_model(num_layers=layers), ctx)
+            calls.clear()
+            loss = model(ids, labels)
+            forward = list(calls)
+            calls.clear()
+            loss.backward()
+            runs.append((forward, list(calls)))
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    per_layer = {}
+    for phase, (one, two) in zip(("forward", "backward"), zip(*runs)):
+        extra = Counter(f"{name}/{group}:{size}" for name, group, size in two)  # the layer's own calls
+        extra.subtract(f"{name}/{group}:{size}" for name, group, size in one)
+        found: dict[str, list[int]] = {}
+        for key, n in extra.items():
+            op, size = key.rsplit(":", 1)
+            found.setdefault(op, []).extend([int(size)] * n)
+        per_layer[phase] = {op: sorted(sizes) for op, sizes in found.items() if sizes}
+    return per_layer
+
+
 def measure_native_collectives(ctx):
     """The tensor collectives (NCCL's path; gloo has them too) give what gloo's fallbacks give, in rank order."""
     x = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3) * (ctx.tp_rank + 1)  # integers: exact sums
@@ -210,6 +254,7 @@ def _worker(rank, port, out_dir):
     result["equivalence"] = {name: measure_equivalence(c) for name, c in contexts.items()}
     result["cross_entropy"] = {name: measure_cross_entropy(contexts[name]) for name in ("tp2", "tp4")}
     result["collectives"] = {name: measure_collectives_per_layer(contexts[name]) for name in ("tp2", "tp2_sp")}
+    result["wrapped"] = {name: measure_wrapped_collectives(contexts[name]) for name in ("tp2", "tp2_sp")}
     result["native"] = measure_native_collectives(contexts["tp4"])
     result["rng"] = measure_rng(contexts["tp2"])
     result["dropout"] = {name: measure_dropout_recompute(contexts[name]) for name in ("tp2", "tp2_sp")}
@@ -271,6 +316,17 @@ def test_collectives_per_layer_are_megatrons(ranks):
         # Ring volume: an all-reduce moves twice what an all-gather or a reduce-scatter of the same tensor does.
         for phase in ("forward", "backward"):
             assert 2 * tp[phase]["all_reduce"]["bytes"] == sum(op["bytes"] for op in sp[phase].values())
+
+
+def test_collectives_seen_through_wrapped_torch_distributed(ranks):
+    # The same volumes counted from outside megaphi: every torch.distributed call is wrapped, so a collective issued
+    # anywhere (not only through megaphi.parallel.mappings) would show up, as would one on another group.
+    for r in ranks:
+        tp, sp = r["wrapped"]["tp2"], r["wrapped"]["tp2_sp"]
+        for phase in ("forward", "backward"):
+            assert tp[phase] == {"all_reduce/tp": [BSH_BYTES, BSH_BYTES]}
+            # gloo: all_gather takes the sequence shard; reduce-scatter is an all-reduce of the full tensor + slice.
+            assert sp[phase] == {"all_gather/tp": [BSH_BYTES // 2] * 2, "all_reduce/tp": [BSH_BYTES] * 2}
 
 
 def test_tensor_collectives_match_gloo_fallbacks(ranks):

@@ -137,6 +137,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         lse = top + torch.log(stats[0])
         valid = labels != ignore_index
         ctx.save_for_backward(hidden, weight, bias, lse, local, hit, valid)
+        # The backward runs outside autocast: it recomputes the logits under the forward's autocast settings.
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return (lse - stats[1]).where(valid, 0.0)
 
     @staticmethod
@@ -149,7 +152,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         dbias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         for c in _token_chunks(hidden.shape[0], weight.shape[0]):
             # d loss / d logits = softmax - onehot(target), times the incoming gradient of each token.
-            grad = torch.exp(_shard_logits(hidden[c], weight, bias) - lse[c, None])
+            device, enabled, dtype = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                logits = _shard_logits(hidden[c], weight, bias)
+            grad = torch.exp(logits - lse[c, None])
             grad.scatter_add_(1, local[c, None], -hit[c, None].float())
             grad = (grad * scale[c, None]).to(weight.dtype)
             if need_hidden:

@@ -276,10 +276,6 @@ class DataParallelOptimizer:
         """Waits for the bucket reductions (launching any not started) and sums sequence-parallel grads over TP."""
         self.grads.finish()
 
-    def _local_grads(self) -> list[torch.Tensor]:
-        """The gradients this rank steps, one per optimizer tensor."""
-        return [t.grad for g in self.optimizer.param_groups for t in g["params"]]
-
     def unscale_(self, factor: float) -> None:
         """Multiplies this rank's valid gradients by factor (1 / loss scale)."""
         if factor != 1.0:
@@ -352,6 +348,9 @@ class DataParallelOptimizer:
         self._check_state_dict(sd)
         index, groups, state = 0, [], {}
         for g, saved in zip(self.optimizer.param_groups, sd["param_groups"]):
+            # Only the hyperparameters: a format-1 or plain torch state also holds fused=/foreach=, which belong
+            # to the machine that saved it (a CUDA run resumed on the CPU, or the other way round).
+            saved = {k: saved[k] for k in HYPERPARAMETERS if k in saved}
             ids = []
             for t in g["params"]:
                 entry = self.entries.get(id(t))

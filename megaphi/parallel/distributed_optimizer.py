@@ -111,6 +111,7 @@ class DistributedOptimizer(DataParallelOptimizer):
             for b in self.grads.buckets:
                 for i, off in zip(b.params, b.offsets):
                     p = self.params[i]
-                    value = flat[b.start + off : b.start + off + p.numel()].view(p.shape)
-                    state[self.names[i]][key] = value.to("cpu", copy=True)
+                    piece = flat[b.start + off : b.start + off + p.numel()]
+                    state[self.names[i]][key] = piece.view(p.shape).to("cpu", copy=True)
+            del flat, piece  # before the next key's buffer: one extra copy of the model in GPU memory, not two
         return result

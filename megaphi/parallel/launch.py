@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID")
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 
 
@@ -80,7 +81,7 @@ def _from_torchrun() -> tuple[int, int, int, str | None, int | None]:
 
 
 def _mpi_launch_detected() -> bool:
-    return any(os.environ.get(name) for name in MPI_RANK_VARS + ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    return any(os.environ.get(name) for name in MPI_RANK_VARS + MPI_SIZE_VARS)
 
 
 def _slurm_step_detected() -> bool:
@@ -88,11 +89,26 @@ def _slurm_step_detected() -> bool:
     return "SLURM_PROCID" in os.environ and bool(os.environ.get("SLURM_STEP_ID") or os.environ.get("SLURM_STEPID"))
 
 
+def _launcher_world_size() -> tuple[str, int] | None:
+    """(variable, value) of the process count the MPI launcher (or srun) announced, when it announced one."""
+    names = MPI_SIZE_VARS + (("SLURM_STEP_NUM_TASKS",) if _slurm_step_detected() else ())
+    return next(((n, _env_int(n)) for n in names if os.environ.get(n)), None)
+
+
 def _from_mpi() -> tuple[int, int, int, str, int]:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
+    announced = _launcher_world_size()
+    # An mpi4py built against another MPI than the launcher's starts every process as a world of its own: they would
+    # all train alone (and write the same checkpoints) instead of together.
+    if announced is not None and announced[1] != world:
+        raise ValueError(f"the launcher started {announced[1]} processes ({announced[0]}={announced[1]}) but "
+                         f"mpi4py's MPI ({MPI.Get_library_version().splitlines()[0].strip()}) sees a world of "
+                         f"{world}: mpi4py is built against another MPI than the launcher's. Use that MPI's "
+                         f"mpiexec, rebuild mpi4py against it (pip install --no-binary mpi4py mpi4py), or launch "
+                         f"with torchrun")
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local, local_size = node.Get_rank(), node.Get_size()
     node.Free()

@@ -161,7 +161,11 @@ def _context(ctx: ParallelContext | None) -> ParallelContext:
 
 
 def _agree(error: Exception | None, ctx: ParallelContext, what: str) -> None:
-    """Raises on every rank when any rank failed: its own error where it failed, a ValueError elsewhere."""
+    """Raises on every rank when any rank failed: its own error where it failed, a ValueError elsewhere.
+
+    The steps between two _agree calls catch every Exception, not only OSError: a rank that raised past it would
+    leave the others waiting in the next collective until the NCCL timeout.
+    """
     failed = int(error is not None)
     if ctx.world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -176,7 +180,10 @@ def _agree(error: Exception | None, ctx: ParallelContext, what: str) -> None:
 
 def _compact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors, copied where they are views of a larger storage (torch.save would write all of it)."""
-    return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in state.items()}
+    # The copies go to the CPU: under the distributed optimizer every parameter is a view of one flat buffer, and
+    # cloning them on the GPU would need a second copy of the model in GPU memory during the save.
+    return {k: v.detach().to("cpu", copy=True) if v.untyped_storage().nbytes() > v.nbytes else v
+            for k, v in state.items()}
 
 
 def _layout(ctx: ParallelContext, meta: dict[str, Any]) -> dict[str, Any]:
@@ -230,14 +237,14 @@ def save_checkpoint(
             folder.mkdir(parents=True, exist_ok=True)
             clean_incomplete(folder)
             tmp.mkdir()
-        except OSError as e:
+        except Exception as e:
             error = e
     _agree(error, ctx, f"creating {tmp}")
     writer = ctx.dp_rank == 0
     try:
         if writer:
             _write_file(tmp / model_file(ctx.tp_rank), lambda f: torch.save(_compact(model.state_dict()), f))
-    except OSError as e:
+    except Exception as e:
         error = e
     optim_state = dict(extra_optim_state or {})
     if optimizer is not None:  # collective over DP: every rank takes part, even after a failed write
@@ -249,7 +256,7 @@ def save_checkpoint(
         if error is None:
             rng = {**rng_state(), **({"extra": rng_extra} if rng_extra is not None else {})}
             _write_file(tmp / rng_file(ctx.rank), lambda f: torch.save(rng, f))
-    except OSError as e:
+    except Exception as e:
         error = e
     _agree(error, ctx, f"writing checkpoint files to {tmp} (all ranks write there: on several nodes --save must be "
                        f"on a filesystem they share)")
@@ -260,7 +267,7 @@ def save_checkpoint(
                 "partition_dims": partition_dims(model), "contents": ["model", "optim", "rng"]}
         try:
             _commit(folder, tmp, final, meta, keep_last)
-        except OSError as e:
+        except Exception as e:
             error = e
     _agree(error, ctx, f"committing {final}")
     return final
@@ -331,7 +338,7 @@ def load_model_state(path: str | Path, model: torch.nn.Module, ctx: ParallelCont
     try:
         saved = SavedCheckpoint(Path(path), read_meta(path))
         model.load_state_dict(model_state(saved, model, ctx.tp_rank, ctx.tp_size))
-    except ValueError as e:
+    except Exception as e:
         error = e
     _agree(error, ctx, f"loading the weights of {path}")
 
@@ -356,17 +363,22 @@ def load_checkpoint(
         same_layout = saved.layout == (ctx.tp_size, ctx.dp_size, ctx.world_size)
         if load_rng and same_layout and "rng" in saved.contents:
             rng = torch_load(saved.rng_path(ctx.rank))
-    except ValueError as e:
+    except Exception as e:
         error = e
     _agree(error, ctx, f"loading {path}")
-    if optimizer is not None:  # collective over DP
-        load_by_name = getattr(optimizer, "load_state_dict_by_name", None)
-        if load_by_name:
-            load_by_name(optim_state)
-        else:
-            load_torch_optimizer_state_by_name(optimizer, model, optim_state)
+    try:  # the states are checked against this rank's optimizer: a mismatch may show on some ranks only
+        if optimizer is not None:
+            load_by_name = getattr(optimizer, "load_state_dict_by_name", None)
+            if load_by_name:
+                load_by_name(optim_state)
+            else:
+                load_torch_optimizer_state_by_name(optimizer, model, optim_state)
+        if rng is not None:
+            set_rng_state(rng)
+    except Exception as e:
+        error = e
+    _agree(error, ctx, f"loading the optimizer and RNG states of {path}")
     if rng is not None:
-        set_rng_state(rng)
         if "extra" in rng:
             extra["rng_extra"] = rng["extra"]
     elif load_rng and ctx.is_main:

@@ -115,7 +115,9 @@ class LoggingArgs:
     eval_iters: int = doc("global batches per validation run", 100)
     log_dir: str | None = doc("folder for metrics.jsonl and TensorBoard events (default: --save)")
     peak_tflops: float | None = doc("peak TFLOP/s of one device for MFU (default: known GPU table)")
-    code_eval: str | None = doc("at each validation, score pass@1 on BENCH:N problems (e.g. humaneval:40)")
+    code_eval: str | None = doc("at each validation, score greedy pass@1 on the first N problems of BENCH, as "
+                                "BENCH:N (e.g. humaneval:40); the other ranks wait for rank 0 within "
+                                "--distributed-timeout-minutes")
 
 
 @dataclass
