@@ -73,6 +73,7 @@ class GenerationStream:
     def __init__(self, model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, eod=None, stop_ids=(),
                  stop_strings=(), decode=None, generator=None, vocab_size=None):
         prompts = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(p) for p in input_ids]
+        stop_strings = [s for s in stop_strings if s]  # "" is in every text: it would stop at the first token
         _check_args(prompts, max_new_tokens, temperature, top_p, stop_strings, decode,
                     model.config.max_position_embeddings)
         self.num_prompts = len(prompts)

@@ -204,6 +204,12 @@ class Handler(BaseHTTPRequestHandler):
     def engine(self) -> Engine:
         return self.server.engine
 
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a client that closed a kept-alive connection (the openai client after a stream): no traceback
+
     def log_message(self, format, *args):
         if getattr(self.server, "verbose", True):
             super().log_message(format, *args)

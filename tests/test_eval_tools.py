@@ -133,6 +133,13 @@ def test_cli_samples_with_references_and_errors(tmp_path, capsys):
     assert "have no samples" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate_code.main(["--benchmark", "humaneval", "--samples", str(samples), "--load", "x"])
+    with pytest.raises(SystemExit):  # refused before any work, not after it
+        evaluate_code.main(["--benchmark", "humaneval", "--samples", str(samples), "--output",
+                            str(tmp_path / "missing" / "r.json")])
+    assert "its folder does not exist" in capsys.readouterr().err
+    samples.write_bytes(b'\xff{"task_id": 1}\n')
+    assert evaluate_code.main(["--benchmark", "humaneval", "--samples", str(samples), "--no-progress"]) == 1
+    assert "is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_hf_folder_gives_the_same_greedy_completions_with_either_backend(tmp_path, megatron_fixtures):

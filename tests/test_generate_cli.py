@@ -99,6 +99,14 @@ def test_errors(checkpoint, tmp_path, capsys):
     assert generate_main(["--load", str(checkpoint), "--prompt-file", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert generate_main(["--load", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+    assert generate_main(["--hf", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert generate_main(["--load", str(checkpoint), "--prompt", "x", "--iteration", "9"]) == 2
+    assert "--iteration 9" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert generate_main(["--load", str(checkpoint), "--prompt", "x", "--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --load and --hf exclude each other
         generate_main(["--load", "a", "--hf", "b", "--prompt", "x"])
 
@@ -146,3 +154,4 @@ def test_generate_text_cuts_at_stops(model, tokenizer):
     stop = full[0]["text"][3:6]
     cut = generate_text(model, tokenizer, [PROMPTS[0]], 12, stop_strings=[stop])[0]
     assert cut["text"] == full[0]["text"][:full[0]["text"].index(stop)] and cut["finish_reason"] == "stop"
+    assert generate_text(model, tokenizer, [PROMPTS[0]], 12, stop_strings=[""])[0] == full[0]  # "" stops nothing

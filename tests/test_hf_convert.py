@@ -10,6 +10,7 @@ import torch
 from megaphi.data.tokenizer import build_tokenizer
 from megaphi.generate import generate
 from megaphi.hf import convert_from_hf, convert_to_hf, load_hf_model, save_weights_checkpoint, to_old_state_dict
+from megaphi.hf.convert import trainer_flags
 from megaphi.hf.config import model_config_from_hf, rotary_factor
 from megaphi.hf.weights import parse_size
 from megaphi.model import ModelConfig, PhiForCausalLM
@@ -164,7 +165,12 @@ def test_failed_conversion_leaves_nothing(tmp_path, checkpoint, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".tmp_*"))
     assert to_hf_main(["--load", str(tmp_path / "nothing"), "--output", str(out)]) == 2
-    assert "no checkpoint found" in capsys.readouterr().err
+    assert "--load" in capsys.readouterr().err
+    assert to_hf_main(["--load", str(checkpoint.parent), "--output", str(out), "--iteration", "7"]) == 2
+    assert "--iteration 7" in capsys.readouterr().err  # the flag the user gave, not the trainer's
+    (tmp_path / "file").write_text("x")  # --output under a file: an OSError, reported in one line
+    assert to_hf_main(["--load", str(checkpoint.parent), "--output", str(tmp_path / "file" / "sub")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_round_trip_is_bitwise(tmp_path, hf_dir, model, capsys):
@@ -256,6 +262,9 @@ def test_config_reading_and_errors():
 def test_tensor_parallel_checkpoints_both_ways(tmp_path, hf_dir, sp_model):
     from megaphi.hf.weights import load_weights
 
+    with pytest.raises(ValueError, match="divisible by 3"):  # 4 heads, hidden 64: no layout for 3 ranks
+        convert_from_hf(hf_dir, tmp_path / "tp3", tensor_parallel_size=3)
+    assert not (tmp_path / "tp3").exists()  # nothing half-written is left
     path = convert_from_hf(hf_dir, tmp_path / "tp2", tensor_parallel_size=2)["checkpoint"]
     assert ckpt.read_meta(path)["layout"]["tensor_parallel"] == 2
     back = ckpt.load_model(tmp_path / "tp2")
@@ -283,8 +292,9 @@ def test_converted_checkpoint_fine_tunes(tmp_path, write_token_dataset, capsys):
     result = convert_from_hf(hf, tmp_path / "base")
     assert result["naming"] == "hf" and result["tokenizer"] is None
     data = write_token_dataset(100)
-    flags = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "1",
-             "--ffn-hidden-size", "128", "--max-position-embeddings", "64", "--data-path", data,
+    flags = trainer_flags(config)  # what tools/convert_from_hf.py prints
+    assert flags[0] == "--preset" and "--hidden-size" in flags
+    flags += ["--data-path", data,
              "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--split", "100,0,0",
              "--eval-iters", "0", "--train-iters", "2", "--lr", "1e-4", "--lr-warmup-iters", "1", "--log-interval", "1",
              "--no-bf16", "--finetune", "--load", str(tmp_path / "base"), "--save", str(tmp_path / "ft")]

@@ -29,19 +29,25 @@ def main(argv=None) -> int:
 
     try:
         result = convert_from_hf(args.hf, args.save, args.tensor_model_parallel_size, args.force)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config, tok = result["config"], result["tokenizer"]
     print(f"wrote {result['checkpoint']} ({result['naming']} names): {config.num_layers} layers, hidden "
           f"{config.hidden_size}, vocab {config.vocab_size} (rows {config.padded_vocab_size}), rotary_dim "
           f"{config.rotary_dim}, rope_theta {config.rope_theta:g}")
-    flags = ["--load", args.save, *trainer_flags(config)]
-    if tok is not None:
-        flags += ["--tokenizer-type", tok["tokenizer_type"], "--tokenizer-model", tok["tokenizer_model"]]
-    else:
+    shape = trainer_flags(config)
+    tok_flags = [] if tok is None else ["--tokenizer-type", tok["tokenizer_type"], "--tokenizer-model",
+                                        tok["tokenizer_model"]]
+    if tok is None:
         print("note: the folder has no tokenizer; pass --tokenizer-type/--tokenizer-model when using it")
-    print("fine-tune with: python examples/finetune_phi1.py " + " ".join(flags) + " ...")
+    if shape is None:
+        print(f"note: no model preset has rotary_dim {config.rotary_dim}, rope_theta {config.rope_theta:g} and "
+              f"vocab rows {config.padded_vocab_size}: the trainer's flags cannot rebuild this shape; "
+              f"generate or evaluate with --load {args.save} {' '.join(tok_flags)}".rstrip())
+    else:
+        print("fine-tune with: python examples/finetune_phi1.py " + " ".join(["--load", args.save, *shape, *tok_flags])
+              + " ...")
     return 0
 
 

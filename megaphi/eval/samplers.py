@@ -59,40 +59,24 @@ class MegaphiSampler:
 
 def checkpoint_sampler(load: str, iteration: int | None = None, tokenizer_type: str | None = None,
                        tokenizer_model: str | None = None, device: str = "cpu", batch_size: int = 8,
-                       dtype: torch.dtype = torch.float32) -> MegaphiSampler:
+                       dtype: str = "fp32") -> MegaphiSampler:
     """A megaphi checkpoint (any layout) with the tokenizer its training config names, or the one given."""
-    from megaphi.data.tokenizer import build_tokenizer
-    from megaphi.train import checkpoint as ckpt
+    from megaphi.hf.convert import find_checkpoint_path
+    from megaphi.hf.loading import load_model_and_tokenizer
 
-    folder = Path(load)
-    path = folder if ckpt.CHECKPOINT_RE.match(folder.name) else ckpt.find_checkpoint(folder, iteration)
-    if path is None:
-        raise ValueError(f"--load {load}: no checkpoint found" + (f" at iteration {iteration}" if iteration else ""))
-    if (tokenizer_type is None) != (tokenizer_model is None):
-        raise ValueError("--tokenizer-type and --tokenizer-model go together: give both or neither")
-    if tokenizer_type is None:
-        meta = ckpt.read_meta(path)
-        data = (meta.get("config") or {}).get("data") or meta.get("tokenizer") or {}
-        tokenizer_type, tokenizer_model = data.get("tokenizer_type"), data.get("tokenizer_model")
-        if not tokenizer_type or not tokenizer_model:
-            raise ValueError(f"--load {path} names no tokenizer: pass --tokenizer-type and --tokenizer-model")
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    model = ckpt.load_model(path, device=device).to(dtype)
-    return MegaphiSampler(model, tokenizer, batch_size, name=str(path))
+    model, tokenizer = load_model_and_tokenizer(load=load, iteration=iteration, device=device, dtype=dtype,
+                                                tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model)
+    return MegaphiSampler(model, tokenizer, batch_size, name=str(find_checkpoint_path(load, iteration)))
 
 
-def hf_sampler(folder: str, device: str = "cpu", batch_size: int = 8, dtype: torch.dtype = torch.float32,
+def hf_sampler(folder: str, device: str = "cpu", batch_size: int = 8, dtype: str = "fp32",
                backend: str = "megaphi"):
     """An HF phi folder: megaphi's own model with its weights (backend "megaphi", via megaphi.hf), or
     transformers' AutoModelForCausalLM (backend "transformers", for any causal LM)."""
     if backend == "megaphi":
-        from megaphi.hf.convert import load_hf_model
-        from megaphi.hf.tokenizer import load_hf_tokenizer
+        from megaphi.hf.loading import load_model_and_tokenizer
 
-        tokenizer = load_hf_tokenizer(folder)
-        if tokenizer is None:
-            raise ValueError(f"--hf {folder} has no tokenizer.model or tokenizer.json")
-        model = load_hf_model(folder, device=device, dtype=dtype)
+        model, tokenizer = load_model_and_tokenizer(hf=folder, device=device, dtype=dtype)
         return MegaphiSampler(model, tokenizer, batch_size, name=str(folder))
     if backend == "transformers":
         return TransformersSampler(folder, device, batch_size, dtype)
@@ -102,11 +86,17 @@ def hf_sampler(folder: str, device: str = "cpu", batch_size: int = 8, dtype: tor
 class TransformersSampler:
     """Any transformers causal LM folder, generating with model.generate (one prompt at a time, n rows)."""
 
-    def __init__(self, folder: str, device: str = "cpu", batch_size: int = 8, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: str, device: str = "cpu", batch_size: int = 8, dtype: str = "fp32"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from megaphi.hf.convert import TORCH_DTYPES
+        from megaphi.hf.loading import check_device
+
+        if not Path(folder).is_dir():
+            raise ValueError(f"--hf {folder}: no such folder")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
+        self.model = self.model.to(check_device(device)).eval()
         self.batch_size, self.name = batch_size, str(folder)
 
     @torch.no_grad()
@@ -149,11 +139,16 @@ class OpenAISampler:
     def complete(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512, stop=(), seed=0,
                  progress=None) -> list[list[str]]:
         """n completions per prompt (one request per prompt)."""
+        from openai import OpenAIError
+
         out = []
         for prompt in prompts:
-            response = self.client.completions.create(
-                model=self.model, prompt=prompt, n=n, temperature=temperature, top_p=top_p,
-                max_tokens=max_new_tokens, stop=list(stop)[:self.MAX_STOPS] or None, seed=seed)
+            try:
+                response = self.client.completions.create(
+                    model=self.model, prompt=prompt, n=n, temperature=temperature, top_p=top_p,
+                    max_tokens=max_new_tokens, stop=list(stop)[:self.MAX_STOPS] or None, seed=seed)
+            except OpenAIError as e:
+                raise ValueError(f"--openai-base-url {self.client.base_url}: {type(e).__name__}: {e}") from None
             choices = sorted(response.choices, key=lambda c: c.index)
             out.append([c.text for c in choices])
             if progress is not None:

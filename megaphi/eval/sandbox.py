@@ -102,6 +102,42 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group is still running (zombies, which a PID 1 may never reap, do not count)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state, _, group = f.read().rsplit(b")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != b"Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, seconds: float = 2.0) -> None:
+    """Waits (a little) until no process of the group runs: SIGKILL is delivered asynchronously, and without a pid
+    namespace the program's children are not reaped with it."""
+    deadline = time.monotonic() + seconds
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _remove(path: str) -> None:
+    """Deletes a work folder, with the folders the program made unreadable to itself (chmod 0) opened first."""
+    for parent, folders, _ in os.walk(path):  # top-down: each folder is opened before os.walk enters it
+        for name in folders:
+            try:  # never through a symlink: as root, that would change a file outside
+                os.chmod(os.path.join(parent, name), 0o700, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _tail(path: str) -> str:
     with open(path, "rb") as f:
         f.seek(max(0, os.fstat(f.fileno()).st_size - OUTPUT_TAIL))
@@ -148,12 +184,13 @@ def run_program(source: str, limits: Limits = Limits(), guard: bool = True, slot
             finally:  # on a timeout, an interrupt, or to end whatever it left behind in its group
                 _kill_group(proc.pid)
                 code = proc.wait()
+                _wait_group_gone(proc.pid)
         seconds = time.monotonic() - start
         with open(paths["report"], encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
         output = _tail(paths["output"])
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
     try:
         protections = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
@@ -191,8 +228,11 @@ def run_programs(sources: list[str], limits: Limits = Limits(), workers: int | N
             if progress is not None:
                 progress(1)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         return list(pool.map(one, sources))
+    finally:  # on an interrupt, wait for the running programs only (their sandbox cleans up), not the queue
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def probe_protections(limits: Limits = Limits()) -> dict:

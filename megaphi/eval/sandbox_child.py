@@ -10,12 +10,17 @@ namespace, so everything it starts dies with it) -> mounts (the whole filesystem
 working directory) -> rlimits -> unprivileged uid -> in-process guard -> exec of the program.
 """
 
+import _posixsubprocess
+import _signal
 import ctypes
 import json
 import os
+import posix
 import resource
 import signal
 import sys
+import types
+from stat import S_ISDIR
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -145,6 +150,13 @@ def confine(config, report):
             report["filesystem"] = f"unavailable: {e}"
     else:
         report["filesystem"] = "unavailable: no mount namespace"
+    note = ""
+    if uid is not None and not report["filesystem"].startswith("read-only"):
+        # Without the mount namespace nothing opens a private folder holding the interpreter (a pyenv in /root)
+        # to another uid, whose imports would then fail: every score would be wrong. Keep our uid instead.
+        hidden = sorted({a for a in (_blocked_ancestor(p) for p in sys.path if os.path.isdir(p)) if a})
+        if hidden:
+            uid, note = None, f"; {', '.join(hidden)} holds the interpreter and is private to this uid"
     os.chdir(config["cwd"])
     report["rlimits"] = _set_limits(config["limits"])
     if uid is not None:
@@ -152,64 +164,124 @@ def confine(config, report):
         os.setgid(config["gid"])
         os.setuid(uid)
         report["uid"] = uid
-    elif namespaces:
-        _drop_capabilities()
-        report["uid"] = f"unchanged ({os.getuid()}, not root), capabilities dropped"
     else:
-        report["uid"] = f"unchanged ({os.getuid()}, not root)"
+        who = f"unchanged ({os.getuid()}, {'root' if as_root else 'not root'})"
+        if namespaces:
+            _drop_capabilities()
+            who += ", capabilities dropped"
+        report["uid"] = who + note
 
 
-# Audit events that are refused outright, and the prefixes of whole families of them.
-BLOCKED_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
-                  "os.killpg", "subprocess.Popen", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit",
-                  "sys.remote_exec", "os.chroot"}
+# Audit events that are refused outright, and the prefixes of whole families of them. chdir is refused so that
+# relative paths always start at the working directory, symlinks so that no path inside it leads outside, and gc's
+# object walks so that the program cannot reach the guard's own objects.
+BLOCKED_EVENTS = frozenset({
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill", "os.killpg",
+    "subprocess.Popen", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit", "sys.remote_exec",
+    "os.chroot", "os.chdir", "os.symlink", "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
 BLOCKED_PREFIXES = ("socket.", "ctypes.", "_ctypes.", "winreg.")
-# Audit events that change the filesystem, allowed inside the working directory only: event -> (positions of its
-# path arguments, positions of its dir_fd arguments; a relative path with a dir_fd is refused).
-PATH_EVENTS = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.rename": ((0, 1), (2, 3)),
-               "os.link": ((0, 1), (2, 3)), "os.symlink": ((1,), (2,)), "os.mkdir": ((0,), (2,)),
-               "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)), "os.truncate": ((0,), ()),
-               "os.chflags": ((0,), ()), "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()),
-               "shutil.rmtree": ((0,), (1,))}
+# Functions that raise no audit event yet leave the process group, signal another process, start a program or
+# create files: replaced by refusals. Their modules may not be loaded afresh (which would bring them back).
+UNAUDITED = {"posix": ("setsid", "setpgid", "setpgrp", "pidfd_open", "mkfifo", "mknod"),
+             "os": ("setsid", "setpgid", "setpgrp", "pidfd_open", "mkfifo", "mknod"),
+             "_signal": ("pidfd_send_signal",), "signal": ("pidfd_send_signal",), "_posixsubprocess": ("fork_exec",)}
+PROTECTED_MODULES = frozenset({"ctypes", "_ctypes", "posix", "_signal", "_posixsubprocess"})
+# Audit events that change the filesystem, allowed inside the working directory only:
+# event -> ((position of a path argument, position of its dir_fd argument or None), ...).
+PATH_EVENTS = types.MappingProxyType({
+    "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3)),
+    "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "os.utime": ((0, 3),),
+    "os.truncate": ((0, None),), "os.chflags": ((0, None),), "os.setxattr": ((0, None),),
+    "os.removexattr": ((0, None),), "shutil.rmtree": ((0, 1),), "sqlite3.connect": ((0, None),)})
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+# The guard's functions keep everything they use in default arguments, bound when the guard is installed: the
+# program can rebind module globals and builtins (isinstance, os.path.realpath, ...), not these. Paths are
+# resolved by their text alone (no symlink can exist under the working directory) with unbound str methods, so a
+# str subclass cannot lie about its value.
+def _resolve(path, dir_fd, root, *, int_=int, str_=str, bytes_=bytes, isinstance_=isinstance, join="/".join,
+             split=str.split, startswith=str.startswith, decode=bytes.decode, readlink=os.readlink,
+             fd_text=int.__repr__):
+    """The absolute path, '..' folded in, that path (str, bytes or an open descriptor) names; None for others."""
+    if isinstance_(path, int_):
+        path = readlink("/proc/self/fd/" + fd_text(path))
+    elif isinstance_(path, bytes_):
+        path = decode(path, "utf-8", "surrogateescape")
+    elif not isinstance_(path, str_):
+        return None  # a path object could name one file to the check and another to the call
+    if not startswith(path, "/"):
+        base = root if dir_fd is None or dir_fd < 0 else readlink("/proc/self/fd/" + fd_text(dir_fd))
+        path = join((base, path))
+    parts = []
+    for part in split(path, "/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
+    return "/" + join(parts)
+
+
+def _refusal(name):
+    def refused(*args, **kwargs):
+        raise PermissionError(f"sandbox: {name} is not allowed")
+    return refused
 
 
 def install_guard(root):
     """Defense in depth: an audit hook (which the program cannot remove) refusing process creation, signals,
-    sockets, ctypes and any write, delete or rename outside root; plus setsid/setpgid, whose escape from the
-    process group has no audit event. The OS-level limits stay the real barrier."""
-    realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
-    root = realpath(root)
+    sockets, ctypes, chdir, symlinks and any write, delete or rename outside root; plus refusals in place of the
+    functions that have no audit event (UNAUDITED). The OS-level limits stay the real barrier: a program that
+    knows CPython's internals well (e.g. _imp.create_dynamic) can still rebuild what is removed here."""
+    modules = {"posix": posix, "os": os, "_signal": _signal, "signal": signal, "_posixsubprocess": _posixsubprocess}
+    for module, names in UNAUDITED.items():
+        for name in names:
+            if hasattr(modules[module], name):
+                setattr(modules[module], name, _refusal(f"{module}.{name}"))
 
-    def refuse(what):
-        raise PermissionError(f"sandbox: {what} is not allowed")
-
-    def check_path(event, path):
-        if isinstance(path, int):
-            return  # an already open file descriptor
-        full = realpath(fsdecode(path))
-        if full != root and not full.startswith(root + sep):
-            refuse(f"{event} outside the working directory ({full})")
-
-    def hook(event, args):
-        if event in BLOCKED_EVENTS or event.startswith(BLOCKED_PREFIXES):
-            refuse(event)
-        if event == "import" and args[0].partition(".")[0] in ("ctypes", "_ctypes"):
-            refuse("importing ctypes")
-        if event == "open":
+    def hook(event, args, *, root=os.path.realpath(root), blocked=BLOCKED_EVENTS, prefixes=BLOCKED_PREFIXES,
+             protected=PROTECTED_MODULES, path_events=PATH_EVENTS, write_flags=WRITE_FLAGS, resolve=_resolve,
+             error=PermissionError, startswith=str.startswith, partition=str.partition, exact=str.__str__,
+             stat=os.stat, is_dir=S_ISDIR, isinstance_=isinstance, len_=len, type_=type, int_=int,
+             import_error=ImportError):
+        if event in blocked or startswith(event, prefixes):
+            raise error(f"sandbox: {event} is not allowed")
+        if event == "import":
+            name = partition(exact(args[0]), ".")[0]
+            if name in protected:  # an ImportError, which code that can do without the module expects
+                raise import_error(f"sandbox: importing {name} is not allowed", name=name)
+        elif event in ("object.__setattr__", "object.__getattr__"):
+            if args[0] is resolve:
+                raise error("sandbox: the guard's functions are not open to change")
+        elif event == "open":
             path, mode, flags = args
-            if (mode is not None and any(c in mode for c in "wax+")) or (flags or 0) & WRITE_FLAGS:
-                check_path("writing", path)
-        elif event in PATH_EVENTS:
-            paths, dir_fds = PATH_EVENTS[event]
-            if any(i < len(args) and args[i] is not None and args[i] >= 0 for i in dir_fds):
-                refuse(f"{event} with dir_fd")
-            for i in paths:
-                check_path(event, args[i])
+            writes = (mode is not None and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or \
+                (flags or 0) & write_flags
+            if isinstance_(path, int_) or not writes and mode is not None:
+                return  # an open descriptor wrapped, or a file opened for reading
+            full = resolve(path, None, root)
+            if full is None:
+                raise error(f"sandbox: opening through a {type_(path).__name__} path; pass a str")
+            inside = full == root or startswith(full, root + "/")
+            if writes and not inside:
+                raise error(f"sandbox: writing outside the working directory ({full}) is not allowed")
+            # os.open's dir_fd is not in the event: a descriptor of an outside folder would let it write there.
+            if not inside and is_dir(stat(path).st_mode):
+                raise error(f"sandbox: opening a folder outside the working directory ({full}) is not allowed")
+        elif event in path_events:
+            for i, fd_at in path_events[event]:
+                if i >= len_(args):
+                    continue
+                full = resolve(args[i], None if fd_at is None or fd_at >= len_(args) else args[fd_at], root)
+                if full is None:
+                    raise error(f"sandbox: {event} through a {type_(args[i]).__name__} path; pass a str")
+                if event == "sqlite3.connect" and startswith(full, root + "/file:"):
+                    raise error("sandbox: sqlite3.connect with a file: URI is not allowed")
+                if full != root and not startswith(full, root + "/"):
+                    raise error(f"sandbox: {event} outside the working directory ({full}) is not allowed")
 
     sys.addaudithook(hook)
-    for name in ("setsid", "setpgid", "setpgrp"):
-        setattr(os, name, lambda *a, _name=name: refuse(f"os.{_name}"))
 
 
 def _forget_ctypes():

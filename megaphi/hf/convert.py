@@ -14,7 +14,7 @@ import torch
 from megaphi.hf.config import generation_config, hf_config, model_config_from_hf
 from megaphi.hf.tokenizer import HF_TOKENIZER_FILES, export_tokenizer, load_hf_tokenizer, special_ids, tokenizer_spec
 from megaphi.hf.weights import from_hf_state_dict, load_weights, naming, parse_size, save_safetensors, to_hf_state_dict
-from megaphi.model import ModelConfig, PhiForCausalLM
+from megaphi.model import PRESETS, ModelConfig, PhiForCausalLM, get_preset
 from megaphi.train import checkpoint as ckpt
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,9 +24,18 @@ TMP_PREFIX = ".tmp_"
 def find_checkpoint_path(load: str | Path, iteration: int | None = None) -> Path:
     """The iter_ folder to read: `load` itself when it is one, else the given iteration or the latest in it."""
     load = Path(load)
-    if ckpt.CHECKPOINT_RE.match(load.name) and (load / "meta.json").is_file():
+    match = ckpt.CHECKPOINT_RE.match(load.name)
+    if match and (load / "meta.json").is_file():
+        if iteration is not None and iteration != int(match.group(1)):
+            raise ValueError(f"--iteration {iteration} disagrees with --load {load}: give its --save folder")
         return load
-    path = ckpt.find_checkpoint(load, iteration)
+    if not load.is_dir():
+        raise ValueError(f"--load {load}: no such folder")
+    try:
+        path = ckpt.find_checkpoint(load, iteration)
+    except ValueError:  # names the trainer's flag
+        raise ValueError(f"--iteration {iteration}: {load} holds no complete checkpoint of that iteration "
+                         f"(it has {[i for i, _ in ckpt.list_checkpoints(load)]})") from None
     if path is None:
         raise ValueError(f"--load {load}: no checkpoint found")
     return path
@@ -124,8 +133,10 @@ def convert_to_hf(load: str | Path, output: str | Path, iteration: int | None = 
 def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict, str]:
     """(model config, megaphi fp32 state dict, naming) of an HF phi folder (PhiForCausalLM or phi-1 naming)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--hf {folder}: no such folder")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"--hf {folder}: no config.json")
+        raise ValueError(f"--hf {folder}: no config.json (not a HuggingFace model folder)")
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except ValueError as e:
@@ -157,9 +168,16 @@ def convert_from_hf(hf: str | Path, save: str | Path, tensor_parallel_size: int 
     config, state_dict, kind = read_hf_folder(hf)
     meta = {"converted_from": str(hf.resolve()), "naming": kind}
     spec = tokenizer_spec(hf)
-    if spec is not None:
-        meta["tokenizer"] = _copy_tokenizer(spec, hf, save / "tokenizer")
-    path = save_weights_checkpoint(save, state_dict, config, tensor_parallel_size, meta)
+    # What to remove if saving fails: the folder if this made it, else the tokenizer copy if this made it.
+    made = save if not save.exists() else save / "tokenizer" if not (save / "tokenizer").exists() else None
+    try:
+        if spec is not None:
+            meta["tokenizer"] = _copy_tokenizer(spec, hf, save / "tokenizer")
+        path = save_weights_checkpoint(save, state_dict, config, tensor_parallel_size, meta)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     return {"checkpoint": path, "config": config, "naming": kind, "tokenizer": meta.get("tokenizer")}
 
 
@@ -178,9 +196,22 @@ def _copy_tokenizer(spec: tuple[str, str], hf: Path, dest: Path) -> dict:
     return {"tokenizer_type": kind, "tokenizer_model": str(model.resolve())}
 
 
-def trainer_flags(config: ModelConfig) -> list[str]:
-    """The trainer's shape flags that rebuild this model (with a preset whose rotary_dim and rope_theta match)."""
-    return ["--num-layers", str(config.num_layers), "--hidden-size", str(config.hidden_size),
-            "--num-attention-heads", str(config.num_attention_heads), "--ffn-hidden-size", str(config.ffn_hidden_size),
-            "--max-position-embeddings", str(config.max_position_embeddings)]
+def trainer_flags(config: ModelConfig) -> list[str] | None:
+    """The trainer's flags that rebuild this model: a preset for what has no flag (rotary_dim, rope_theta, the
+    vocabulary's padding multiple), then the shape; None when no preset matches."""
+    shape = dict(num_layers=config.num_layers, hidden_size=config.hidden_size,
+                 num_attention_heads=config.num_attention_heads, ffn_hidden_size=config.ffn_hidden_size,
+                 max_position_embeddings=config.max_position_embeddings, vocab_size=config.vocab_size)
+    for name in PRESETS:
+        try:
+            candidate = get_preset(name, **shape)
+        except ValueError:  # e.g. the preset's rotary_dim does not fit this head size
+            continue
+        if (candidate.rotary_dim, candidate.rope_theta, candidate.padded_vocab_size, candidate.layernorm_epsilon) == \
+                (config.rotary_dim, config.rope_theta, config.padded_vocab_size, config.layernorm_epsilon):
+            flags = ["--preset", name]
+            for key, value in shape.items():
+                flags += ["--" + key.replace("_", "-"), str(value)]
+            return flags
+    return None
 

@@ -16,6 +16,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """device as given, or a ValueError naming --device when this machine does not have it."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here (torch {torch.__version__}); use cpu")
+    return device
+
+
 def load_model_and_tokenizer(load: str | Path | None = None, hf: str | Path | None = None,
                              iteration: int | None = None, device: str | None = None, dtype: str = "fp32",
                              tokenizer_type: str | None = None,
@@ -25,7 +36,7 @@ def load_model_and_tokenizer(load: str | Path | None = None, hf: str | Path | No
         raise ValueError("give exactly one of --load (a megaphi checkpoint) and --hf (a HuggingFace folder)")
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-    device = device or default_device()
+    device = check_device(device or default_device())
     if load is not None:
         path = find_checkpoint_path(load, iteration)
         tok_type, tok_model = resolve_tokenizer(ckpt.read_meta(path), tokenizer_type, tokenizer_model,
@@ -33,6 +44,8 @@ def load_model_and_tokenizer(load: str | Path | None = None, hf: str | Path | No
         tokenizer = build_tokenizer(tok_type, tok_model)
         model = ckpt.load_model(path, device=device)
     else:
+        if not Path(hf).is_dir():
+            raise ValueError(f"--hf {hf}: no such folder")
         if tokenizer_type is not None or tokenizer_model is not None:
             tok_type, tok_model = resolve_tokenizer({}, tokenizer_type, tokenizer_model, f"--hf {hf}")
             tokenizer = build_tokenizer(tok_type, tok_model)
