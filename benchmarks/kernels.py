@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --output benchmarks/results/kernels-h100.md   # also a markdown (or .json) file
     python benchmarks/kernels.py --attention-variants             # also time the attention module's settings
     python benchmarks/kernels.py --smoke                          # no GPU: tiny fp32 shapes in the interpreter
+    bash benchmarks/run_gpu_checks.sh                             # the GPU tests, then this, into benchmarks/results
 
 First each op runs at --check-batch on the same inputs through the fused kernel and the reference, both in --dtype,
 and both are compared with the reference on fp32 copies: the report gives the fused kernel's relative error
@@ -11,24 +12,31 @@ and both are compared with the reference on fp32 copies: the report gives the fu
 the bf16 reference's own error against fp32. Then forward+backward is timed with CUDA events (median of --iters)
 at --batch, against the plain-PyTorch path: SDPA (flash backend) after a separate rotary; F.linear +
 F.gelu(approximate="tanh"); adds + F.layer_norm; F.linear + F.cross_entropy on fp32 logits (the reference's
-numerics). Peak memory is what the step allocates beyond its inputs.
+numerics). Peak memory is what the step allocates beyond its inputs. An op that raises is reported in its row and
+the others still run; the exit status is 1 when an op failed or was less accurate than the reference allows.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import statistics
 import sys
 import time
+import traceback
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # megaphi from this checkout, installed or not
+
+OPS = ["attention", "mlp", "layer_norm", "cross_entropy"]
 TARGETS = {"attention": 1.15, "mlp": 1.1, "layer_norm": 1.3, "cross_entropy": 1.0}
 MEMORY_TARGETS = {"cross_entropy": 0.25}  # fused peak / baseline peak at most
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default="attention,mlp,layer_norm,cross_entropy", help="comma-separated ops to run")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops to run")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--heads", type=int, default=32)
@@ -45,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--output", help="write the results here: .json for JSON, anything else markdown")
     p.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU in the Triton interpreter")
     args = p.parse_args(argv)
+    unknown = set(args.ops.split(",")) - set(OPS)
+    if unknown:
+        p.error(f"--ops: unknown op(s) {sorted(unknown)}; choose from {OPS}")
     if args.smoke:
         args.batch, args.check_batch, args.seq, args.heads, args.head_dim, args.rotary_dim = 2, 1, 16, 2, 32, 16
         args.ffn, args.vocab, args.warmup, args.iters = 96, 300, 1, 2
@@ -158,6 +169,19 @@ def time_step(torch, fn, inputs, warmup, iters, smoke):
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def run_op_safely(torch, args, op, case, dtype):
+    """run_op's row, or {"op": op, "error": ...} after printing the traceback: one op's failure stops no other."""
+    try:
+        return run_op(torch, args, op, case, dtype)
+    except Exception as e:  # noqa: BLE001 (compile errors, OOM, a missing SDPA backend: report and go on)
+        traceback.print_exc()
+        if not args.smoke:
+            with contextlib.suppress(RuntimeError):  # after a sticky CUDA error the next ops fail and say so too
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        return {"op": op, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+
+
 def run_op(torch, args, op, case, dtype):
     make_inputs, fused, baseline, flops, nbytes = case
     row = {"op": op}
@@ -194,7 +218,7 @@ def attention_variant_rows(torch, args, case, dtype):
         for rotary_k in ("prepass", "inloop"):
             for unrotate in ("epilogue", "postpass"):
                 attention.ROTARY_K, attention.UNROTATE = rotary_k, unrotate
-                rows.append(run_op(torch, args, f"attention[{rotary_k},{unrotate}]", case, dtype))
+                rows.append(run_op_safely(torch, args, f"attention[{rotary_k},{unrotate}]", case, dtype))
     finally:
         attention.ROTARY_K, attention.UNROTATE = saved
     return rows
@@ -208,6 +232,9 @@ def table(rows):
     lines = ["| op | fused ms | PyTorch ms | speedup (target) | TFLOP/s fused / PyTorch | GB/s fused / PyTorch | "
              "peak MiB fused / PyTorch | rel err vs ref / vs fp32 (ref's own) |", "|" + "---|" * 8]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | FAILED: {r['error'].replace('|', '/')} |" + " |" * 6)
+            continue
         target = f" (≥{r['target']}{'' if r['meets_target'] else ' MISSED'})" if "target" in r else ""
         lines.append(
             f"| {r['op']} | {fmt(r['fused_ms'], '.3f')} | {fmt(r['baseline_ms'], '.3f')} | "
@@ -243,10 +270,13 @@ def main(argv=None):
     cases = make_cases(args, torch, reference, tk)
     rows = []
     for op, case in cases.items():
-        rows.append(run_op(torch, args, op, case, dtype))
+        rows.append(run_op_safely(torch, args, op, case, dtype))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         if op == "attention" and args.attention_variants:
             rows += attention_variant_rows(torch, args, case, dtype)
+    failed = [r["op"] for r in rows if "error" in r]
+    inaccurate = [r["op"] for r in rows if not r.get("accurate", True)]
+    missed = [r["op"] for r in rows if r.get("meets_target") is False]
     import triton
 
     device = "CPU (Triton interpreter)" if args.smoke else torch.cuda.get_device_name()
@@ -258,15 +288,18 @@ def main(argv=None):
     text = (f"# Kernel benchmark, {meta['date']}, {device}\n\n`{meta['command']}`: torch {meta['torch']}, triton "
             f"{meta['triton']}, {meta['dtype']}, shapes {meta['shapes']}; median of {args.iters} fwd+bwd steps."
             f"{' Interpreter times mean nothing: this checks that every kernel runs.' if args.smoke else ''}\n\n"
-            f"{table(rows)}\n")
+            f"{table(rows)}\n\nFailed: {failed or 'none'}; inaccurate: {inaccurate or 'none'}; "
+            f"missed targets: {missed or 'none'}.\n")
     print("\n" + text)
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             if args.output.endswith(".json"):
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
             else:
                 f.write(text)
-    return 0
+        print(f"wrote {args.output}")
+    return 1 if failed or inaccurate else 0
 
 
 if __name__ == "__main__":

@@ -121,6 +121,8 @@ def test_explicit_triton_runs_its_kernels(dispatch, monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR)
     assert dispatch.backend_for("layer_norm", x, w, b, 1e-5, r) == ("triton" if CUDA else "reference")
     assert dispatch.backend_for("layer_norm", x.cpu(), w.cpu(), b.cpu(), 1e-5, r.cpu()) == "reference"
+    # The kernels compute in fp32: float64 stays with the reference.
+    assert dispatch.backend_for("layer_norm", x.double(), w.double(), b.double(), 1e-5, r.double()) == "reference"
 
 
 def run_fresh(code, **env):

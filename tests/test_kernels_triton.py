@@ -8,6 +8,8 @@ sizes that compare each kernel's error with the reference's own error in that dt
 
 import os
 import socket
+import subprocess
+import sys
 
 import torch
 
@@ -242,6 +244,19 @@ def test_tiny_model_triton_backend_matches_reference():
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_smoke_runs_every_op(repo_root, tmp_path):
+    """benchmarks/kernels.py --smoke: every op checked and timed in the interpreter, the report written."""
+    out = tmp_path / "results" / "smoke.md"  # a folder that does not exist yet
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "kernels.py"), "--smoke", "--output",
+                             str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = out.read_text()
+    for op in ("attention", "mlp", "layer_norm", "cross_entropy"):
+        assert f"| {op} |" in report
+    assert "Failed: none; inaccurate: none" in report
 
 
 def rel_error(a, b):

@@ -7,9 +7,10 @@ run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before tr
 
 import torch
 
+from megaphi.kernels.triton.common import INTERPRET
 from megaphi.kernels.triton.cross_entropy import linear_cross_entropy
 from megaphi.kernels.triton.layer_norm import MAX_HIDDEN, layer_norm
-from megaphi.kernels.triton.mlp import INTERPRET, gelu_tanh, mlp
+from megaphi.kernels.triton.mlp import gelu_tanh, mlp
 
 __all__ = ["layer_norm", "mlp", "gelu_tanh", "linear_cross_entropy", "unavailable_reason", "supports"]
 
@@ -24,6 +25,7 @@ else:  # (an op named "attention" would clash with the submodule's name: it need
     __all__ += ["rotary_attention", "apply_rotary"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_FLOAT = (*_HALF, torch.float32)  # the kernels compute in fp32: float64 stays with the reference
 
 
 def unavailable_reason():
@@ -53,11 +55,12 @@ def supports(op, *args):
     if op == "layer_norm":
         residual = args[4] if len(args) > 4 else None
         residuals = () if residual is None else (residual,) if isinstance(residual, torch.Tensor) else residual
-        return x.shape[-1] <= MAX_HIDDEN and all(r.shape == x.shape for r in residuals)
+        return (x.dtype in _FLOAT and x.shape[-1] <= MAX_HIDDEN
+                and all(r.shape == x.shape and r.dtype in _FLOAT for r in residuals))
     if op == "mlp":  # fp32 without TF32 is cuBLAS's ground
         return dtype in _HALF
     if op == "linear_cross_entropy":
-        return True
+        return dtype in _FLOAT
     if op == "rotary_attention":
         q, k, v, rotary_dim = args[:4]
         dropout_p = args[6] if len(args) > 6 else 0.0

@@ -12,6 +12,7 @@ import torch
 from megaphi.kernels import reference
 from megaphi.kernels.triton.attention_bwd import attention_backward
 from megaphi.kernels.triton.attention_fwd import attention_forward
+from megaphi.kernels.triton.common import autocast_inputs
 from megaphi.kernels.triton.rotary import apply_rotary, rotary_unsupported, rotate
 
 __all__ = ["rotary_attention", "unsupported_reason", "rotary_unsupported", "attention_forward", "attention_backward",
@@ -69,10 +70,7 @@ def rotary_attention(q, k, v, rotary_dim, base=10000.0, causal=True, dropout_p=0
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError("rotary_attention: q, k, v must share one (batch, seq, heads, head_dim) shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if torch.is_autocast_enabled(q.device.type) and q.is_floating_point():
-        # SDPA computes in the autocast dtype; a custom Function is not cast by autocast itself.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = autocast_inputs(q, k, v)  # SDPA computes in the autocast dtype; a custom Function is not cast
     if unsupported_reason(q, k, v, rotary_dim, dropout_p) is not None:
         return reference.rotary_attention(q, k, v, rotary_dim, base, causal, dropout_p)
     return _RotaryAttention.apply(q, k, v, rotary_dim, base, causal)

@@ -13,11 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from megaphi.kernels.triton.attention_fwd import LOG2E, dot_precision
-from megaphi.kernels.triton.rotary import INTERPRET, rotate, rotate_tile
+from megaphi.kernels.triton.attention_fwd import INTERPRET_META, LOG2E, dot_precision, prune_configs
+from megaphi.kernels.triton.common import INTERPRET
+from megaphi.kernels.triton.rotary import rotate, rotate_tile
 
-INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
-# dK/dV: BLOCK_N (keys held) must be a multiple of BLOCK_M (queries streamed); dQ: the other way round.
+# dK/dV: BLOCK_N (keys held) must be a multiple of BLOCK_M (queries streamed); dQ: the other way round. The last
+# config of each is the smallest (prune_configs).
 DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
@@ -178,8 +179,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, seq, heads, qk_scale, 
 
 
 _KEY = ["seq", "HEAD_DIM", "CAUSAL", "UNROTATE"]
-_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(DQ_CONFIGS, key=_KEY)(_bwd_dq_kernel)
+_PRUNE = {"early_config_prune": prune_configs}
+_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bwd_dq_kernel)
 
 
 def _strides(x):

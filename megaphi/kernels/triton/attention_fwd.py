@@ -12,18 +12,29 @@ import torch
 import triton
 import triton.language as tl
 
-from megaphi.kernels.triton.rotary import INTERPRET, load_rotated, rotate
+from megaphi.kernels.triton.common import INTERPRET
+from megaphi.kernels.triton.rotary import load_rotated, rotate
 
 LOG2E = 1.4426950408889634
 
 # Interpreter: one small fixed config (it runs one program at a time in numpy).
 INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}
-# GPU (H100/H200): BLOCK_M must be a multiple of BLOCK_N so the causal diagonal starts on a block boundary.
+# GPU (H100/H200): BLOCK_M must be a multiple of BLOCK_N so the causal diagonal starts on a block boundary. The last
+# config is the smallest: the only one tried for fp32 and short sequences (see prune_configs).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
                          (64, 32, 4, 2)]
 ]
+SHORT_SEQ = 256
+
+
+def prune_configs(configs, named_args, **_):
+    """The configs to tune over: only the last, smallest one for fp32 and for sequences up to SHORT_SEQ."""
+    # Each config is a compile of seconds on first use; fp32 is never the fast path, short sequences are tests.
+    if named_args["seq"] <= SHORT_SEQ or named_args["Q"].dtype == torch.float32:
+        return configs[-1:]
+    return configs
 
 
 def dot_precision(dtype):
@@ -109,8 +120,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QR, COS, SIN, seq, heads, qk_scale,
     tl.store(LSE + bh.to(tl.int64) * seq + offs_m, m_i + tl.log2(l_i), mask=m_mask)
 
 
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["seq", "HEAD_DIM", "CAUSAL", "ROTATE_K", "STORE_QR"])(
-    _attn_fwd_kernel)
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["seq", "HEAD_DIM", "CAUSAL", "ROTATE_K", "STORE_QR"],
+                             prune_configs_by={"early_config_prune": prune_configs})(_attn_fwd_kernel)
 
 
 def attention_forward(q, k, v, cos, sin, causal=True, rotate_k="prepass", save_rotated=True):

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from megaphi.kernels.triton.mlp import EPILOGUE_ACCUMULATE, INTERPRET, autocast_inputs, check_device, gemm
+from megaphi.kernels.triton.common import INTERPRET, autocast_inputs, check_device
+from megaphi.kernels.triton.mlp import EPILOGUE_ACCUMULATE, gemm
 
 CHUNK_ELEMENTS = 2**28  # logits per chunk (512 MiB in bf16): few chunks, far below the full logits
 MAX_BLOCK_V = 64 if INTERPRET else 4096  # small in the interpreter, so its tests cover the vocab loop

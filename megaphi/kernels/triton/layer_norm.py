@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from megaphi.kernels import reference
-from megaphi.kernels.triton.mlp import INTERPRET, check_device
+from megaphi.kernels.triton.common import INTERPRET, check_device
 
 MAX_HIDDEN = 16384  # a row lives in registers; wider rows go to the reference
 

@@ -6,34 +6,14 @@ backward) and the activation; fc2 is cuBLAS (F.linear). Backward: a Triton GEMM 
 gelu'(pre) in its epilogue, so the pre-activation's gradient is written once; the weight gradients are cuBLAS.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Set by triton itself at decoration time; read here the same way, so CPU tensors are only accepted then.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+from megaphi.kernels.triton.common import INTERPRET, autocast_inputs, check_device
 
 EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_DGELU, EPILOGUE_ACCUMULATE = 0, 1, 2, 3
-
-
-def check_device(op, *tensors):
-    """ValueError unless every tensor is on CUDA (or on CPU under TRITON_INTERPRET=1)."""
-    for t in tensors:
-        if t is not None and not t.is_cuda and not (INTERPRET and t.device.type == "cpu"):
-            raise ValueError(f"{op}: the triton backend runs on CUDA tensors, got a {t.device} tensor; use "
-                             f"backend='reference', or set TRITON_INTERPRET=1 before importing triton for CPU tensors")
-
-
-def autocast_inputs(*tensors):
-    """The floating-point tensors cast to the autocast dtype when autocast is on for their device (None kept)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 @triton.jit
@@ -154,26 +134,57 @@ def _gemm_kernel(A, B, C, BIAS, AUX, COLSUM, M, N, K, stride_am, stride_ak, stri
         tl.store(COLSUM + pid_m * N + offs_n, tl.sum(tl.where(mask, out, 0.0), axis=0), mask=offs_n < N)
 
 
+SMALL_GEMM = 2**20  # outputs of at most this many elements (and fp32 inputs) tune over the last config only
+
+
+def _prune_configs(configs, named_args, **_):
+    """The configs to tune over: only the last, smallest one for small outputs and for fp32 (cuBLAS's ground)."""
+    # Each config is a compile of seconds on first use.
+    if named_args["M"] * named_args["N"] <= SMALL_GEMM or named_args["A"].dtype == torch.float32:
+        return configs[-1:]
+    return configs
+
+
 _GEMM_KEY = ["M", "N", "K", "EPILOGUE", "HAS_BIAS", "SAVE_PRE", "HAS_COLSUM"]
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _gemm_configs())
-_gemm = triton.autotune(_gemm_configs(), key=_GEMM_KEY)(_gemm_kernel)
-# Tuning runs the kernel repeatedly: an accumulating one must get its C back after each try.
-_gemm_accumulate = triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["C"])(_gemm_kernel)
+
+
+def _tuned(**hooks):
+    return triton.autotune(_gemm_configs(), key=_GEMM_KEY, prune_configs_by={"early_config_prune": _prune_configs},
+                           **hooks)(_gemm_kernel)
+
+
+_gemm = _tuned()
+# Tuning runs the kernel once per config: an accumulating one must get its C back after each try, and the column
+# sums must start from zeros before the chosen config runs (a config with a smaller BLOCK_M writes more rows).
+_gemm_accumulate = _tuned(restore_value=["C"])
+_gemm_column_sums = _tuned(reset_to_zero=["COLSUM"])
+
+
+def tf32_matmuls():
+    """Whether torch's fp32 CUDA matmuls use TF32 (legacy allow_tf32 or the newer fp32_precision setting)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch refuses the legacy getter once the fp32_precision API has been used
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
 
 
 def gemm(a, b, c, epilogue=EPILOGUE_NONE, bias=None, aux=None, column_sums=False):
     """c (M, N) = epilogue(a (M, K) @ b (K, N)) with any strides; aux (c's strides) holds or gives the pre-activation.
 
     EPILOGUE_GELU: c = gelu(a @ b + bias), aux = a @ b + bias (if given). EPILOGUE_DGELU: c = (a @ b) * gelu'(aux).
-    EPILOGUE_ACCUMULATE: c += a @ b (c fp32). fp32 inputs follow torch.backends.cuda.matmul.allow_tf32.
+    EPILOGUE_ACCUMULATE: c += a @ b (c fp32). fp32 inputs use TF32 when torch's fp32 matmuls do (tf32_matmuls).
     column_sums: return c's column sums in fp32 (reduced per row block in the epilogue, then over blocks), else None.
     """
     (m, k), n = a.shape, b.shape[1]
     if aux is not None and aux.stride() != c.stride():
         raise ValueError("gemm: aux must have the strides of c")
     # The dot's default ("tf32") for 16-bit inputs, where it is ignored; fp32 follows torch's TF32 switch.
-    precision = "ieee" if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    kernel = _gemm_accumulate if epilogue == EPILOGUE_ACCUMULATE else _gemm
+    precision = "ieee" if a.dtype == torch.float32 and not tf32_matmuls() else "tf32"
+    if column_sums and epilogue == EPILOGUE_ACCUMULATE:
+        raise ValueError("gemm: column_sums cannot be combined with EPILOGUE_ACCUMULATE")
+    kernel = _gemm_accumulate if epilogue == EPILOGUE_ACCUMULATE else _gemm_column_sums if column_sums else _gemm
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     # Zeroed: the tuned BLOCK_M decides how many row blocks write their sums.
     sums = torch.zeros((triton.cdiv(m, _MIN_BLOCK_M), n), dtype=torch.float32, device=c.device) if column_sums else c

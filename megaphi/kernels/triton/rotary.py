@@ -6,16 +6,12 @@ i + rotary_dim/2; dims >= rotary_dim pass through. The rotation is orthogonal, s
 sin negated (CONJ).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from megaphi.kernels import reference
-
-# Read once, like triton.jit does when it decides between compiling and interpreting.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from megaphi.kernels.triton.common import INTERPRET
 
 
 @triton.jit
