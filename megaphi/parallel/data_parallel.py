@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaphi.parallel.mappings import all_gather_tensor_fn, reduce_scatter_tensor_fn
 from megaphi.parallel.state import ParallelContext
 from megaphi.train import optim
 
@@ -36,15 +37,13 @@ def _group_rank(group) -> int:
 
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group):
     """Async reduce-scatter (sum) of `input` into this rank's chunk `output` (nccl, or gloo in recent torch)."""
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(output, input, group=group, async_op=True)
+    return reduce_scatter_tensor_fn()(output, input, group=group, async_op=True)
 
 
 def all_gather(output: torch.Tensor, shard: torch.Tensor, group, native: bool):
     """Async all-gather of every rank's `shard` into the flat `output` (a list all-gather where native is False)."""
     if native:
-        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        return fn(output, shard, group=group, async_op=True)
+        return all_gather_tensor_fn()(output, shard, group=group, async_op=True)
     # The clone keeps gloo from reading a shard that aliases the output it writes.
     return dist.all_gather(list(output.chunk(_group_size(group))), shard.clone(), group=group, async_op=True)
 

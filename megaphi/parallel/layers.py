@@ -22,11 +22,19 @@ from megaphi.parallel.mappings import enter_tp_region, exit_tp_region, gather_fr
 from megaphi.parallel.state import ParallelContext
 
 
+def shard_view(tensor: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
+    """Rank's contiguous, even slice of a full tensor along dim, as a view (the tensor itself when dim is None)."""
+    if dim is None or size == 1:
+        return tensor
+    if tensor.shape[dim] % size:
+        raise ValueError(f"cannot split a tensor of shape {tuple(tensor.shape)} into {size} even shards on dim {dim}")
+    n = tensor.shape[dim] // size
+    return tensor.narrow(dim, rank * n, n)
+
+
 def shard(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     """A copy of this rank's contiguous slice of tensor along dim."""
-    if tensor.shape[dim] % size:
-        raise ValueError(f"cannot split {tuple(tensor.shape)} evenly {size} ways along dim {dim}")
-    return tensor.detach().chunk(size, dim)[rank].clone()
+    return shard_view(tensor.detach(), dim, rank, size).clone()
 
 
 def sequence_parallel_now(module: nn.Module, ctx: ParallelContext) -> bool:

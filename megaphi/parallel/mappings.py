@@ -20,9 +20,16 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed the tensor collectives; older versions only have the old names.
-_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def all_gather_tensor_fn():
+    """torch's flat-tensor all-gather: all_gather_single from torch 2.13, all_gather_into_tensor before."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduce_scatter_tensor_fn():
+    """torch's flat-tensor reduce-scatter: reduce_scatter_single from torch 2.13, reduce_scatter_tensor before."""
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 _active_counters: list[dict] = []
 
@@ -76,7 +83,7 @@ def all_gather(x: torch.Tensor, dim: int, group, native: bool | None = None) -> 
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))
     _record("all_gather", out)
     if _native_collectives(group, native):
-        _all_gather_tensor(out, x, group=group)
+        all_gather_tensor_fn()(out, x, group=group)
     else:
         dist.all_gather(list(out.chunk(n)), x, group=group)
     return out if dim == 0 else torch.cat(out.chunk(n), dim)
@@ -90,7 +97,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group, native: bool | None = None)
     _record("reduce_scatter", stacked)
     if _native_collectives(group, native):
         out = x.new_empty(chunks[0].shape)
-        _reduce_scatter_tensor(out, stacked.flatten(0, 1), group=group)
+        reduce_scatter_tensor_fn()(out, stacked.flatten(0, 1), group=group)
         return out
     dist.all_reduce(stacked, group=group)
     return stacked[dist.get_rank(group)]

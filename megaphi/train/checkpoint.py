@@ -39,10 +39,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaphi.parallel.layers import shard_view
 from megaphi.parallel.state import ParallelContext
 from megaphi.train.checkpoint_shards import (SavedCheckpoint, load_torch_optimizer_state_by_name, model_file,
                                              model_state, optim_file, optimizer_state, partition_dims,
-                                             phi_partition_dim, read_meta, reshard, rng_file, shard, torch_load,
+                                             phi_partition_dim, read_meta, reshard, rng_file, torch_load,
                                              torch_optimizer_state_by_name)
 
 CHECKPOINT_RE = re.compile(r"^iter_(\d{7,})$")
@@ -310,7 +311,7 @@ def save_model_checkpoint(
     clean_incomplete(folder)
     tmp.mkdir()
     for r in range(tp):
-        shards = {k: shard(state_dict[k].detach().cpu(), dims.get(k), r, tp).clone() for k in expected}
+        shards = {k: shard_view(state_dict[k].detach().cpu(), dims.get(k), r, tp).clone() for k in expected}
         _write_file(tmp / model_file(r), lambda f: torch.save(shards, f))
     meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "saved_at": time.time(),
             "torch_version": torch.__version__, **(meta or {}), "model_config": dataclasses.asdict(model_config),

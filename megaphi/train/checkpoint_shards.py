@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from megaphi.parallel.layers import shard_view
+
 # Module names of the phi model by tensor-parallel role (the TP plan's): their weights split on this dim.
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "fc1", "lm_head", "embed_tokens")  # output rows (dim 0), bias too
 ROW_PARALLEL = ("dense", "fc2")  # input columns (dim 1); the bias is replicated
@@ -38,16 +40,6 @@ def partition_dims(model: nn.Module) -> dict[str, int]:
             if getattr(p, "tensor_parallel_dim", None) is not None}
 
 
-def shard(tensor: torch.Tensor, dim: int | None, rank: int, size: int) -> torch.Tensor:
-    """Rank's contiguous, even slice of a full tensor along dim (the tensor itself when dim is None)."""
-    if dim is None or size == 1:
-        return tensor
-    if tensor.shape[dim] % size:
-        raise ValueError(f"cannot split a tensor of shape {tuple(tensor.shape)} into {size} even shards on dim {dim}")
-    n = tensor.shape[dim] // size
-    return tensor.narrow(dim, rank * n, n)
-
-
 def reshard(get: Callable[[int], torch.Tensor], tp: int, saved_dim: int | None, dim: int | None, rank: int,
             size: int, name: str) -> torch.Tensor:
     """This rank's slice (dim split over size ranks) of a tensor saved as tp pieces split on saved_dim.
@@ -55,9 +47,9 @@ def reshard(get: Callable[[int], torch.Tensor], tp: int, saved_dim: int | None, 
     get(i) returns saved piece i; only the pieces overlapping the slice are asked for when the dims agree.
     """
     if saved_dim is None:  # replicated when saved: every piece is the full tensor
-        return shard(get(rank if tp == size else 0), dim, rank, size)
+        return shard_view(get(rank if tp == size else 0), dim, rank, size)
     if dim != saved_dim or size == 1:
-        return shard(torch.cat([get(i) for i in range(tp)], saved_dim), dim, rank, size)
+        return shard_view(torch.cat([get(i) for i in range(tp)], saved_dim), dim, rank, size)
     saved = get(0).shape[dim]
     if (saved * tp) % size:
         raise ValueError(f"{name}: {saved * tp} along dim {dim} does not split into {size} tensor-parallel shards")
