@@ -324,7 +324,7 @@ def _run_tasks(cfg: PreprocessConfig, tasks, prefixes: dict, chunk_bytes: int, s
     return summary
 
 
-def _mpi_comm():
+def mpi_comm():
     """MPI.COMM_WORLD when launched by mpiexec with more than one rank, else None (mpi4py not imported)."""
     if any(int(os.environ.get(v, "1") or 1) > 1 for v in _MPI_SIZE_VARS):
         from mpi4py import MPI
@@ -336,7 +336,7 @@ def _mpi_comm():
 
 def mpi_rank() -> int:
     """This process's MPI rank (0 outside mpiexec)."""
-    comm = _mpi_comm()
+    comm = mpi_comm()
     return comm.Get_rank() if comm else 0
 
 
@@ -362,7 +362,7 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         raise ValueError("--json-keys: give at least one key")
     if cfg.chunk_bytes is not None and cfg.chunk_bytes < 1:
         raise ValueError(f"--chunk-bytes must be at least 1, got {cfg.chunk_bytes}")
-    comm = _mpi_comm()
+    comm = mpi_comm()
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     paths = expand_inputs(cfg.inputs, cfg.extensions)
     chunk = cfg.chunk_bytes or _auto_chunk_bytes(paths, cfg.workers, world)

@@ -206,7 +206,7 @@ def _gzip_chunks(task: Task, chunk_bytes: int):
 def read_task(task: Task, keys) -> Records:
     """The records of one task (runs in a worker)."""
     if task.kind == "jsonl":
-        return parse_lines(task.path, _read_range(task.path, task.start, task.end), keys, relative=True)
+        return parse_lines(task.path, read_range(task.path, task.start, task.end), keys, relative=True)
     if task.kind == "lines":
         return parse_lines(task.path, task.lines, keys, first_line=task.start)
     if task.kind == "parquet":
@@ -216,7 +216,7 @@ def read_task(task: Task, keys) -> Records:
     raise ValueError(f"{task.path}: unknown task kind {task.kind!r}")
 
 
-def _read_range(path: str, start: int, end: int) -> list:
+def read_range(path: str, start: int, end: int) -> list:
     """The lines that start in bytes [start, end) of path."""
     with open(path, "rb") as f:
         if start > 0:
