@@ -151,7 +151,10 @@ def _run_chunk(job) -> None:
     process, task, text_key, parts, i, keep_dropped = job
     kept_path, report_path, counts_path = _part_paths(parts, i)
     records, bad = read_chunk(task, text_key)
-    outcome = process(records) if records else Outcome(kept=[])
+    if not records:
+        outcome = Outcome(kept=[])
+    else:  # a filter that works per chunk (dedup's drop lists) says so with takes_chunk
+        outcome = process(records, chunk=i) if getattr(process, "takes_chunk", False) else process(records)
     drops = list(bad) + list(outcome.dropped)
     write_atomic(kept_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.kept))
     write_atomic(report_path, "".join(json.dumps(_report_line(r, reason, detail, keep_dropped), ensure_ascii=False)
@@ -228,8 +231,8 @@ def run_filter_stage(name, inputs, output, process, *, text_key="text", workers=
         _prepare_parts(parts, fingerprint, resume)
     if comm:
         comm.Barrier()
-    share = set(share_tasks(tasks, rank, world))
-    todo = [i for i, t in enumerate(tasks) if t in share and not os.path.exists(_part_paths(parts, i)[2])]
+    mine = {id(t) for t in share_tasks(tasks, rank, world)}  # by identity: an input named twice has equal tasks
+    todo = [i for i, t in enumerate(tasks) if id(t) in mine and not os.path.exists(_part_paths(parts, i)[2])]
     jobs = [(process, tasks[i], text_key, parts, i, keep_dropped) for i in todo]
     desc = name if world == 1 else f"{name} [rank {rank}]"
     for _ in map_ordered(_run_chunk, jobs, workers, desc, [tasks[i].weight or 1 for i in todo], progress):

@@ -1,0 +1,70 @@
+"""Remove exact and near-duplicate documents (MinHash LSH), keeping the first of each cluster in input order.
+
+Stages (--stage all, or one at a time, e.g. on different machines sharing --workdir): signatures, buckets,
+clusters, filter. Every stage resumes where it stopped; under `mpiexec -n N` the ranks share the work.
+
+  tools/dedup.py --input corpus.jsonl --output dedup.jsonl --report removed.jsonl --workers 8
+"""
+
+import argparse
+import json
+import sys
+
+from megaphi.curate.dedup import STAGES, DedupConfig, run_dedup
+from megaphi.curate.stage import mpi_world
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="jsonl / .jsonl.gz / .parquet files, globs, folders")
+    p.add_argument("--output", required=True, help="kept records (.jsonl or .parquet), every field kept")
+    p.add_argument("--report", default="", help="jsonl: one line per removed record with the kept one it matches")
+    p.add_argument("--workdir", default="", help="stage files (default: OUTPUT.dedup)")
+    p.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    p.add_argument("--threshold", type=float, default=0.7, help="estimated Jaccard similarity of near duplicates")
+    p.add_argument("--num-perm", type=int, default=256, help="MinHash permutations")
+    p.add_argument("--ngram", type=int, default=5, help="words per shingle")
+    p.add_argument("--seed", type=int, default=1, help="MinHash permutation seed")
+    p.add_argument("--bands", type=int, default=0, help="LSH bands (default: chosen from --threshold)")
+    p.add_argument("--rows", type=int, default=0, help="rows per band (with --bands)")
+    p.add_argument("--partitions", type=int, default=16, help="bucket partitions (each is held in memory once)")
+    p.add_argument("--no-verify", action="store_true", help="take every band collision as a duplicate")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--extensions", nargs="+", default=[], help="source files to take from folder inputs (.py)")
+    p.add_argument("--workers", type=int, default=1, help="processes (per rank under mpiexec)")
+    p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="input bytes per chunk")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of reusing finished stage files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, comm = mpi_world()
+    try:
+        cfg = DedupConfig(
+            inputs=args.input, output=args.output, workdir=args.workdir, threshold=args.threshold,
+            num_perm=args.num_perm, ngram=args.ngram, seed=args.seed, bands=args.bands, rows=args.rows,
+            partitions=args.partitions, verify=not args.no_verify, text_key=args.text_key,
+            extensions=tuple(args.extensions), workers=args.workers, report=args.report,
+            resume=not args.no_resume, progress=not args.quiet, chunk_bytes=args.chunk_bytes)
+        result = run_dedup(cfg, args.stage)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if comm is not None:
+            comm.Abort(1)  # the other ranks wait in a barrier otherwise
+        return 1
+    if rank == 0:
+        if args.stage in ("all", "signatures"):
+            print(f"MinHash: {cfg.num_perm} permutations, {cfg.ngram}-word shingles, {cfg.bands} bands x "
+                  f"{cfg.rows} rows (threshold {cfg.threshold})")
+        for name in STAGES:
+            if name in result:
+                print(f"{name:>10}: " + json.dumps(result[name]))
+        if "summary" in result:
+            print(result["summary"].format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
