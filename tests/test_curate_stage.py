@@ -126,3 +126,17 @@ def test_stage_under_mpiexec_matches_one_process(corpus, tmp_path, repo_root):
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["200", "200"]
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_stage_passes_a_lone_surrogate_through_escaped(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "x = \\"\\ud800\\"", "id": 1}\n{"text": "ok", "id": 2}\n')
+
+    class Keep:
+        def __call__(self, recs):
+            return Outcome(recs)
+
+    out = tmp_path / "out.jsonl"
+    s = run_filter_stage("keep", [str(src)], str(out), Keep(), progress=False)
+    assert s.kept == 2
+    assert [r["text"] for r in read_jsonl(out)] == ['x = "\ud800"', "ok"]

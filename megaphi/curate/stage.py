@@ -156,13 +156,24 @@ def _run_chunk(job) -> None:
     else:  # a filter that works per chunk (dedup's drop lists) says so with takes_chunk
         outcome = process(records, chunk=i) if getattr(process, "takes_chunk", False) else process(records)
     drops = list(bad) + list(outcome.dropped)
-    write_atomic(kept_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.kept))
-    write_atomic(report_path, "".join(json.dumps(_report_line(r, reason, detail, keep_dropped), ensure_ascii=False)
-                                      + "\n" for r, reason, detail in drops))
+    write_atomic(kept_path, jsonl_bytes(outcome.kept))
+    write_atomic(report_path, jsonl_bytes(_report_line(r, reason, detail, keep_dropped) for r, reason, detail in drops))
     counts = {"records_in": len(records) + len(bad), "kept": len(outcome.kept),
               "dropped": dict(Counter(reason for _, reason, _ in drops)), "bytes_in": task.weight,
               "counts": dict(outcome.counts)}
     write_atomic(counts_path, json.dumps(counts))
+
+
+def jsonl_bytes(objs) -> bytes:
+    """Objects as UTF-8 jsonl; one holding a lone surrogate (valid JSON, not UTF-8) is written \\u-escaped."""
+    out = []
+    for obj in objs:
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        try:
+            out.append(line.encode("utf-8"))
+        except UnicodeEncodeError:
+            out.append((json.dumps(obj) + "\n").encode("ascii"))
+    return b"".join(out)
 
 
 def _report_line(record, reason, detail, keep_record: bool) -> dict:
