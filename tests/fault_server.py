@@ -11,9 +11,11 @@ assert, one in six does not parse), any other prompt a short textbook section.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -140,6 +142,25 @@ class FaultServer(ThreadingHTTPServer):
     def __exit__(self, *exc):
         self.shutdown()
         self.server_close()
+
+
+@contextlib.contextmanager
+def serving(argv, timeout: float = 120.0):
+    """Runs a server command line whose first output line is "serving ... on URL" (tools/serve.py, this file)
+    as a subprocess; yields the URL, and stops the server after."""
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = []
+        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=timeout)
+        if not line or "serving" not in line[0]:
+            proc.kill()
+            raise RuntimeError(f"the server did not start: {line} {proc.stderr.read()}")
+        yield line[0].split(" on ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main(argv=None) -> int:

@@ -86,7 +86,7 @@ def check_result(out, report, clean_ids, planted):
     kept = [json.loads(line) for line in open(out)]
     assert [r["id"] for r in kept] == clean_ids  # every clean file kept, in input order, and nothing else
     assert all(set(r) == {"id", "text", "source"} for r in kept)  # fields as they came
-    removed = {r["id"]: r for r in map(json.loads, open(report))}
+    removed = {r["id"] if "id" in r else r["record"]["id"]: r for r in map(json.loads, open(report))}
     assert set(removed) == set(planted)
     for rid, (original, reason) in planted.items():
         assert removed[rid]["reason"] == reason, rid
@@ -151,9 +151,10 @@ def test_union_find_matches_graph_search():
 def test_cli_catches_planted_duplicates_with_two_workers(corpus, tmp_path):
     path, clean_ids, planted = corpus
     run = run_dedup("--input", path, "--output", tmp_path / "out.jsonl", "--report", tmp_path / "r.jsonl",
-                    "--workers", 2)
+                    "--workers", 2, "--keep-dropped")
     assert run.returncode == 0, run.stderr
     check_result(tmp_path / "out.jsonl", tmp_path / "r.jsonl", clean_ids, planted)
+    assert all(set(r["record"]) == {"id", "text", "source"} for r in map(json.loads, open(tmp_path / "r.jsonl")))
     assert "8  exact_duplicate" in run.stdout and "8  near_duplicate" in run.stdout
     assert "25 bands x 10 rows" in run.stdout
     summary = json.load(open(tmp_path / "out.jsonl.summary.json"))["summary"]

@@ -124,6 +124,9 @@ def test_resumable_jsonl_repairs_a_torn_line_and_appends_from_threads(tmp_path):
         ResumableJsonl(path).done_ids()
     path.write_bytes(b"torn")
     assert ResumableJsonl(path).repaired == 4 and path.read_bytes() == b""
+    with pytest.raises(ValueError, match=r"out.parquet: results are appended as jsonl"):
+        ResumableJsonl(tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
 
 
 def test_run_concurrently_with_faults_loses_and_duplicates_nothing(tmp_path):

@@ -89,6 +89,15 @@ def test_read_labels_forms_thresholds_and_errors(tmp_path):
         quality.read_labels([str(tmp_path / "missing.jsonl")])
 
 
+def test_ids_of_records_without_id_come_from_the_text_key():
+    records = [{"content": f"x = {i}"} for i in range(5)]
+    ids = {quality.record_id(r, text_key="content") for r in records}
+    assert len(ids) == 5  # not one shared id: the judge would see one record of the five
+    assert len(quality.sample_records(records, 5, text_key="content")) == 5
+    with pytest.raises(ValueError, match="no 'id', 'path' or 'text' field"):
+        quality.record_id({"content": "x"})
+
+
 def test_attach_texts_joins_the_corpus_and_names_missing_ids():
     items = [quality.LabeledItem("a", 1), quality.LabeledItem("p.py", 0), quality.LabeledItem("z", 1, "kept")]
     quality.attach_texts(items, [{"id": "a", "text": "A"}, {"path": "p.py", "text": "P"}, {"id": "z", "text": "Z"}])

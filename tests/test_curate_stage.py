@@ -140,3 +140,32 @@ def test_stage_passes_a_lone_surrogate_through_escaped(tmp_path):
     s = run_filter_stage("keep", [str(src)], str(out), Keep(), progress=False)
     assert s.kept == 2
     assert [r["text"] for r in read_jsonl(out)] == ['x = "\ud800"', "ok"]
+
+
+def test_stage_refuses_an_output_that_is_an_input_or_a_folder(corpus, tmp_path):
+    with pytest.raises(ValueError, match="also an --input"):
+        run_filter_stage("even", [str(corpus)], str(corpus), KeepEven(), progress=False)
+    with pytest.raises(ValueError, match="is a directory"):
+        run_filter_stage("even", [str(corpus)], str(tmp_path), KeepEven(), progress=False)
+
+
+def test_stage_redoes_a_tree_whose_file_changed_and_writes_a_report_asked_for_later(tmp_path):
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "a.py").write_text("x = 1\n")
+
+    class DropAll:
+        def __call__(self, recs):
+            return Outcome([], [(r, "all", {}) for r in recs])
+
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.jsonl"
+    run_filter_stage("t", [str(tree)], str(out), DropAll(), extensions=[".py"], progress=False, text_key="code")
+    assert not report.exists()
+    run_filter_stage("t", [str(tree)], str(out), DropAll(), extensions=[".py"], progress=False, text_key="code",
+                     report=str(report))
+    assert [line["text_head"] for line in read_jsonl(report)] == ["x = 1\n"]
+    (tree / "a.py").write_text("x = 2\n")
+    os.utime(tree / "a.py", ns=(1, 1))
+    run_filter_stage("t", [str(tree)], str(out), DropAll(), extensions=[".py"], progress=False, text_key="code",
+                     report=str(report))
+    assert [line["text_head"] for line in read_jsonl(report)] == ["x = 2\n"]

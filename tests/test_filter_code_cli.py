@@ -7,12 +7,12 @@ import io
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from fault_server import serving
 from megaphi.hf import save_weights_checkpoint
 from megaphi.model import ModelConfig, PhiForCausalLM
 from tools.filter_code import main
@@ -61,19 +61,9 @@ def corpus(tmp_path_factory, megatron_fixtures):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, repo_root, checkpoint):
     """The base URL of tools/serve.py serving the tiny judge (port 0, read from its first line)."""
-    proc = subprocess.Popen([sys.executable, str(repo_root / "tools" / "serve.py"), "--load", str(checkpoint),
-                             "--port", "0", "--device", "cpu", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or "serving" not in line[0]:
-        proc.kill()
-        pytest.fail(f"the server did not start: {line} {proc.stderr.read()}")
-    yield line[0].split(" on ", 1)[1].strip()
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving([sys.executable, repo_root / "tools" / "serve.py", "--load", checkpoint, "--port", "0",
+                  "--device", "cpu", "--quiet"]) as url:
+        yield url
 
 
 def test_heuristics_mode_counts_each_rule(tmp_path, capsys):
@@ -98,6 +88,10 @@ def test_heuristics_mode_counts_each_rule(tmp_path, capsys):
     off = ["--max-line-length", "0", "--max-avg-line-length", "0"]  # 0 turns a rule off
     assert main(argv + off + ["--output", str(tmp_path / "o2.jsonl")]) == 0
     assert sorted(r["path"] for r in read_jsonl(tmp_path / "o2.jsonl")) == ["good.py", "long.py"]
+    whole = ["--keep-dropped", "--output", str(tmp_path / "o3.jsonl"), "--report", str(tmp_path / "r3.jsonl")]
+    assert main(argv + whole) == 0
+    assert {r["record"]["path"]: r["record"]["text"] for r in read_jsonl(tmp_path / "r3.jsonl")}["gen.py"] == \
+        (src / "gen.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +153,15 @@ def test_annotate_through_the_project_server_resumes(tmp_path, server, corpus, c
         f.write('{"id": "torn li')  # a run killed mid-write
     assert main(argv + ["--sample", "10"]) == 0
     assert '"sample": 10, "skipped_done": 6, "scored": 4' in capsys.readouterr().out
+    assert json.loads((tmp_path / "judged.jsonl.summary.json").read_text())["skipped_done"] == 6
     lines = read_jsonl(out)
     ids = [r["id"] for r in lines]
     assert len(ids) == len(set(ids)) == 10 and lines[:6] == first  # nothing lost, nothing twice
     assert set(ids) <= {r["id"] for r in rows}
+    human = tmp_path / "human.jsonl"
+    write_jsonl(human, [{"id": rows[0]["id"], "label": 1}])
+    assert main(["--annotate", "--labels", str(human), "--output", str(out)]) == 1  # would replace the judge's
+    assert "holds LLM annotations" in capsys.readouterr().err and read_jsonl(out) == lines
 
 
 def test_mode_errors(tmp_path, corpus, capsys):

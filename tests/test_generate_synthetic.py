@@ -9,14 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
 import pytest
 import torch
 
-from fault_server import FaultServer, canned, variant
+from fault_server import FaultServer, canned, serving, variant
 from megaphi.curate.synthetic import build_prompts, check_reply, extract_code, rejected_path, split_exercise
 
 EXERCISE = '''import math
@@ -130,8 +129,10 @@ def test_cli_killed_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, rep
 
 def test_cli_bad_input_and_failures(tmp_path, cli, capsys):
     base = ["--model", "m", "--output", tmp_path / "o.jsonl", "--no-progress"]
-    assert cli("textbook", "--base-url", "localhost:1", "--num", 2, *base) == 2
+    assert cli("textbook", "--base-url", "localhost:1", "--num", 2, *base) == 1
     assert "--base-url must start with http" in capsys.readouterr().err
+    assert cli("textbook", "--base-url", "http://h/v1", "--num", 2, *base[:3], tmp_path / "o.parquet", "--quiet") == 1
+    assert "o.parquet: results are appended as jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli("textbook", "--base-url", "http://h/v1", "--num", 2, "--concurrency", 0, *base)
     assert "--concurrency must be >= 1" in capsys.readouterr().err
@@ -159,19 +160,9 @@ def megaphi_server(tmp_path_factory, repo_root, megatron_fixtures):
     meta = {"config": {"data": {"tokenizer_type": "sentencepiece", "tokenizer_model": tokenizer.name}}}
     path = save_weights_checkpoint(tmp_path_factory.mktemp("synth") / "tiny", PhiForCausalLM(config).state_dict(),
                                    config, meta=meta)
-    proc = subprocess.Popen([sys.executable, str(repo_root / "tools" / "serve.py"), "--load", str(path.parent),
-                             "--port", "0", "--device", "cpu", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or "serving" not in line[0]:
-        proc.kill()
-        pytest.fail(f"the server did not start: {line} {proc.stderr.read()}")
-    yield line[0].split(" on ", 1)[1].strip()
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving([sys.executable, repo_root / "tools" / "serve.py", "--load", path.parent, "--port", "0",
+                  "--device", "cpu", "--quiet"]) as url:
+        yield url
 
 
 def test_real_megaphi_server_textbooks_are_seeded_and_counted(tmp_path, repo_root, cli, megaphi_server):

@@ -14,9 +14,9 @@ shares the work among ranks under mpiexec.
 import argparse
 import hashlib
 import os
-import signal
 import sys
 
+from megaphi.curate.cli import run_tool
 from megaphi.curate.decontaminate import DecontamConfig, Decontaminator, get_index
 from megaphi.curate.stage import mpi_world, run_filter_stage
 
@@ -72,17 +72,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so temporary files are removed
-    try:
-        run(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        comm = mpi_world()[2]
-        if comm is not None:
-            comm.Abort(1)  # the other ranks would wait in a barrier
-        return 1
-    return 0
+    return run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

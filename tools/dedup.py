@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from megaphi.curate.cli import run_tool
 from megaphi.curate.dedup import STAGES, DedupConfig, run_dedup
 from megaphi.curate.stage import mpi_world
 
@@ -19,6 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True, help="jsonl / .jsonl.gz / .parquet files, globs, folders")
     p.add_argument("--output", required=True, help="kept records (.jsonl or .parquet), every field kept")
     p.add_argument("--report", default="", help="jsonl: one line per removed record with the kept one it matches")
+    p.add_argument("--keep-dropped", action="store_true", help="put each removed record whole into the report")
     p.add_argument("--workdir", default="", help="stage files (default: OUTPUT.dedup)")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES)
     p.add_argument("--threshold", type=float, default=0.7, help="estimated Jaccard similarity of near duplicates")
@@ -38,23 +40,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world, comm = mpi_world()
-    try:
-        cfg = DedupConfig(
-            inputs=args.input, output=args.output, workdir=args.workdir, threshold=args.threshold,
-            num_perm=args.num_perm, ngram=args.ngram, seed=args.seed, bands=args.bands, rows=args.rows,
-            partitions=args.partitions, verify=not args.no_verify, text_key=args.text_key,
-            extensions=tuple(args.extensions), workers=args.workers, report=args.report,
-            resume=not args.no_resume, progress=not args.quiet, chunk_bytes=args.chunk_bytes)
-        result = run_dedup(cfg, args.stage)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if comm is not None:
-            comm.Abort(1)  # the other ranks wait in a barrier otherwise
-        return 1
-    if rank == 0:
+def run(args) -> None:
+    cfg = DedupConfig(
+        inputs=args.input, output=args.output, workdir=args.workdir, threshold=args.threshold,
+        num_perm=args.num_perm, ngram=args.ngram, seed=args.seed, bands=args.bands, rows=args.rows,
+        partitions=args.partitions, verify=not args.no_verify, text_key=args.text_key,
+        extensions=tuple(args.extensions), workers=args.workers, report=args.report,
+        resume=not args.no_resume, progress=not args.quiet, chunk_bytes=args.chunk_bytes,
+        keep_dropped=args.keep_dropped)
+    result = run_dedup(cfg, args.stage)
+    if mpi_world()[0] == 0:
         if args.stage in ("all", "signatures"):
             print(f"MinHash: {cfg.num_perm} permutations, {cfg.ngram}-word shingles, {cfg.bands} bands x "
                   f"{cfg.rows} rows (threshold {cfg.threshold})")
@@ -63,7 +58,10 @@ def main(argv=None) -> int:
                 print(f"{name:>10}: " + json.dumps(result[name]))
         if "summary" in result:
             print(result["summary"].format())
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,16 @@
         --threshold 0.5 --workers 4
 
 Inputs are jsonl (.gz), parquet or source folders (with --extensions). Records keep every field; --score adds
-`quality_score`. --heuristics and --score write OUTPUT.summary.json and resume an interrupted run.
+`quality_score`. --heuristics, --score and --annotate (LLM judge) write OUTPUT.summary.json and resume an
+interrupted run.
 """
 
 import argparse
 import json
 import os
-import signal
 import sys
 
+from megaphi.curate.cli import run_tool
 from megaphi.curate.heuristics import HeuristicFilter, add_heuristic_args, heuristic_config
 
 
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--input", nargs="+", default=[], help="jsonl / .jsonl.gz / parquet files, globs or folders")
     g.add_argument("--output", help="output jsonl or .parquet (--annotate: the labels jsonl, appended to)")
     g.add_argument("--report", help="jsonl with one line per dropped record and its reason")
+    g.add_argument("--keep-dropped", action="store_true", help="put each dropped record whole into the report")
     g.add_argument("--text-key", default="text", help="the field holding the text")
     g.add_argument("--id-key", default="id", help="the field naming a record (else its path, else a text hash)")
     g.add_argument("--extensions", nargs="+", default=None, help="source files to take from folders (e.g. .py)")
@@ -105,7 +107,8 @@ def run_stage(args, name, process, params):
         raise ValueError(f"--workers and --chunk-bytes must be >= 1, got {args.workers}, {args.chunk_bytes}")
     summary = run_filter_stage(name, args.input, args.output, process, text_key=args.text_key, workers=args.workers,
                                report=args.report, extensions=args.extensions, resume=not args.no_resume,
-                               progress=not args.quiet, params=params, chunk_bytes=args.chunk_bytes)
+                               progress=not args.quiet, params=params, keep_dropped=args.keep_dropped,
+                               chunk_bytes=args.chunk_bytes)
     if mpi_world()[0] == 0:
         print(summary.format())
 
@@ -118,7 +121,7 @@ def heuristics(args) -> None:
 
 def annotate(args) -> None:
     from megaphi.curate import quality
-    from megaphi.curate.records import read_records, write_records
+    from megaphi.curate.records import read_jsonl, read_records, write_atomic, write_records
 
     need(args, "output")
     if args.labels:  # human labels: check them and write them in the annotation format
@@ -126,6 +129,9 @@ def annotate(args) -> None:
         if args.input:
             quality.attach_texts(items, read_records(args.input, args.text_key, args.extensions), args.id_key,
                                  args.text_key)
+        if os.path.exists(args.output) and any(r.get("source") != "human" for r in read_jsonl(args.output)):
+            raise ValueError(f"--output {args.output} holds LLM annotations, which human labels would replace: "
+                             "write them to another file and pass both to --train --labels")
         rows = [{"id": i.id, "label": i.label, "source": "human",
                  **({args.text_key: i.text} if i.text is not None else {})} for i in items]
         write_records(args.output, rows)
@@ -141,13 +147,14 @@ def annotate(args) -> None:
     if args.sample is not None:
         if args.sample < 1:
             raise ValueError(f"--sample must be >= 1, got {args.sample}")
-        records = quality.sample_records(records, args.sample, args.seed, args.id_key)
+        records = quality.sample_records(records, args.sample, args.seed, args.id_key, args.text_key)
     else:
         records = list(records)
     counts = quality.annotate(records, client, args.output, id_key=args.id_key, text_key=args.text_key,
                               max_chars=args.judge_max_chars, max_tokens=args.judge_max_tokens, seed=args.seed,
                               label_threshold=args.label_threshold, concurrency=args.concurrency,
                               progress=not args.quiet)
+    write_atomic(f"{args.output}.summary.json", json.dumps(counts, indent=1) + "\n")  # as generate_synthetic's
     print(f"annotate: {json.dumps(counts)} -> {args.output}")
     if counts["unparseable"] and not counts["scored"]:
         print(f"warning: no reply held a 0-10 score; read the replies in {args.output} (an instruction-following "
@@ -207,14 +214,8 @@ def score(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so temporary files are removed
     mode = next(m for m in ("heuristics", "annotate", "train", "score") if getattr(args, m))
-    try:
-        {"heuristics": heuristics, "annotate": annotate, "train": train, "score": score}[mode](args)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool({"heuristics": heuristics, "annotate": annotate, "train": train, "score": score}[mode], args)
 
 
 if __name__ == "__main__":

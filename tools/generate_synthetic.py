@@ -10,7 +10,8 @@ names and constraints for exercises), reproducibly from --seed. Replies are appe
 (dropped ones, with the reason, to OUTPUT.rejected.jsonl); a rerun skips what either file holds, so an
 interrupted run is resumed by running the same command again. Exercises must parse and hold a function with a
 docstring; --run-tests also runs their own asserts in the sandbox. The key is read from --api-key-env and
-never printed. Exit status 1 if some prompts failed after all retries (rerun to retry them), 2 on bad input.
+never printed. Exit status 1 on bad input or if some prompts failed after all retries (rerun to retry them),
+as the other curation tools (filter_code, dedup, decontaminate).
 """
 
 import argparse
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-tests", action="store_true", help="keep only exercises whose own asserts pass")
     p.add_argument("--test-timeout", type=float, default=5.0, help="seconds per exercise in the sandbox")
     p.add_argument("--print-prompts", type=int, default=0, metavar="K", help="print the first K prompts and exit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("num", "concurrency"):
         if getattr(args, name) < (0 if name == "num" else 1):
@@ -63,11 +64,8 @@ def main(argv=None) -> int:
                              args.backoff, args.max_backoff, chat=args.chat)
         summary = generate(args.kind, LLMClient(cfg), args.output, args.num, args.seed, args.concurrency,
                            args.run_tests, args.max_tokens, args.temperature, args.limit, args.test_timeout,
-                           progress=not args.no_progress)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # a non-retryable answer (4xx) or a broken sandbox
+                           progress=not args.quiet)
+    except (ValueError, OSError, RuntimeError) as err:  # bad input, a non-retryable answer (4xx), a broken sandbox
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_summary(summary))

@@ -26,7 +26,8 @@ import numpy as np
 
 from megaphi.curate.dedup_minhash import MinHasher, band_keys, components, exact_keys, optimal_bands
 from megaphi.curate.records import read_chunk, write_atomic
-from megaphi.curate.stage import CHUNK_BYTES, Outcome, map_ordered, mpi_world, plan_chunks, run_filter_stage
+from megaphi.curate.stage import (CHUNK_BYTES, Outcome, input_stats, map_ordered, mpi_world, plan_chunks,
+                                   run_filter_stage, update_summary)
 from megaphi.data.sources import share_tasks
 
 STAGES = ("signatures", "buckets", "clusters", "filter")
@@ -56,6 +57,7 @@ class DedupConfig:
     extensions: tuple = ()
     workers: int = 1
     report: str = ""
+    keep_dropped: bool = False  # the report holds each removed record whole
     resume: bool = True
     progress: bool = True
     chunk_bytes: int = CHUNK_BYTES
@@ -331,9 +333,7 @@ class DedupFilter:
 
 def _fingerprints(cfg: DedupConfig, tasks) -> dict:
     """What each stage's files depend on; a stage whose fingerprint changed is redone, and so are those after."""
-    files = sorted({t.path for t in tasks})
-    stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-    parts = {"signatures": [stats, len(tasks), cfg.chunk_bytes, cfg.text_key, cfg.num_perm, cfg.ngram, cfg.seed],
+    parts = {"signatures": [input_stats(tasks), len(tasks), cfg.chunk_bytes, cfg.text_key, cfg.num_perm, cfg.ngram, cfg.seed],
              "buckets": [cfg.bands, cfg.rows, cfg.partitions], "clusters": [cfg.threshold, cfg.verify]}
     out, blob = {}, ""
     for stage in STAGES[:3]:
@@ -433,9 +433,15 @@ def run_dedup(cfg: DedupConfig, stage: str = "all") -> dict:
         summary = run_filter_stage("dedup", cfg.inputs, cfg.output, DedupFilter(cfg.workdir, fps),
                                    text_key=cfg.text_key, workers=cfg.workers, report=cfg.report or None,
                                    extensions=cfg.extensions or None, resume=cfg.resume, progress=cfg.progress,
-                                   params={"clusters": fingerprints["clusters"]}, chunk_bytes=cfg.chunk_bytes)
+                                   params={"clusters": fingerprints["clusters"]}, keep_dropped=cfg.keep_dropped,
+                                   chunk_bytes=cfg.chunk_bytes)
         result["filter"] = {"seconds": round(summary.seconds, 3), "mb_per_s": round(summary.mb_per_s(), 3)}
         result["summary"] = summary
     if rank == 0 and os.path.exists(wd.clusters_done()):
         result.setdefault("clusters", {}).update(_read_json(wd.clusters_done()))
+    if rank == 0 and stage == "all" and "summary" in result:  # the summary covers every stage, not the filter's
+        summary = result["summary"]
+        summary.seconds = sum(result[s]["seconds"] for s in STAGES if s in result)
+        summary.counts.update({k: v for k, v in result.get("clusters", {}).items() if isinstance(v, int)})
+        update_summary(cfg.output, summary)
     return result

@@ -209,6 +209,8 @@ class ResumableJsonl:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        if self.path.endswith((".parquet", ".gz")):  # appending jsonl lines would corrupt either format
+            raise ValueError(f"{self.path}: results are appended as jsonl lines: name the file .jsonl")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._lock = threading.Lock()
         self._file = open(self.path, "ab")

@@ -48,12 +48,15 @@ _SCORE_PATTERNS = (re.compile(r"score[^\w-]{0,4}" + _NUMBER, re.IGNORECASE),  # 
                    re.compile(r"^[^\w-]{0,3}" + _NUMBER + r"(?!\.?\d)"))  # a reply that starts with the number
 
 
-def record_id(record: dict, id_key: str = "id") -> str:
-    """The record's id_key field, else its path, else "sha1:" + its text's hash (as a string)."""
+def record_id(record: dict, id_key: str = "id", text_key: str = "text") -> str:
+    """The record's id_key field, else its path, else "sha1:" + the hash of its text_key field (as a string)."""
     for key in (id_key, "path"):
         if record.get(key) is not None:
             return str(record[key])
-    return "sha1:" + hashlib.sha1(record.get("text", "").encode("utf-8", "replace")).hexdigest()[:20]
+    text = record.get(text_key)
+    if not isinstance(text, str):  # every such record would share one id: the annotator would judge only one
+        raise ValueError(f"a record has no {id_key!r}, 'path' or {text_key!r} field to name it by")
+    return "sha1:" + hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:20]
 
 
 def judge_prompt(text: str, max_chars: int = 4000) -> str:
@@ -119,7 +122,10 @@ def read_labels(paths, id_key: str = "id", text_key: str = "text",
             text = row.get(text_key)
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"{where}: {text_key!r} is not a string")
-            rid = record_id(row, id_key)
+            try:
+                rid = record_id(row, id_key, text_key)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
             items.pop(rid, None)  # a relabeled file moves to its latest position
             items[rid] = LabeledItem(rid, label, text)
     return list(items.values()), skipped
@@ -131,7 +137,7 @@ def attach_texts(items: list[LabeledItem], records, id_key: str = "id", text_key
     for record in records:
         if not missing:
             break
-        item = missing.pop(record_id(record, id_key), None)
+        item = missing.pop(record_id(record, id_key, text_key), None)
         if item is not None:
             item.text = record[text_key]
     if missing:
@@ -141,11 +147,11 @@ def attach_texts(items: list[LabeledItem], records, id_key: str = "id", text_key
     return items
 
 
-def sample_records(records, n: int, seed: int = 0, id_key: str = "id") -> list[dict]:
+def sample_records(records, n: int, seed: int = 0, id_key: str = "id", text_key: str = "text") -> list[dict]:
     """A reproducible sample of n records (the n smallest hashes of seed and id), in input order; streams once."""
     heap = []  # (-hash, position, record): a max-heap of the n smallest
     for position, record in enumerate(records):
-        h = hashlib.sha256(f"{seed}:{record_id(record, id_key)}".encode()).digest()[:8]
+        h = hashlib.sha256(f"{seed}:{record_id(record, id_key, text_key)}".encode()).digest()[:8]
         key = -int.from_bytes(h, "big")
         if len(heap) < n:
             heapq.heappush(heap, (key, position, record))
@@ -164,7 +170,7 @@ def annotate(records, client, output: str, *, id_key: str = "id", text_key: str 
 
     jobs = []
     for record in records:
-        job = {"id": record_id(record, id_key), "prompt": judge_prompt(record[text_key], max_chars),
+        job = {"id": record_id(record, id_key, text_key), "prompt": judge_prompt(record[text_key], max_chars),
                "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         if "path" in record:
             job["path"] = record["path"]

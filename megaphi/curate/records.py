@@ -34,7 +34,7 @@ def read_chunk(task, text_key: str = "text"):
     if task.kind == "parquet":
         return _read_row_group(task.path, task.start, text_key)
     if task.kind == "files":
-        return _read_files(task.path, task.files), []
+        return _read_files(task.path, task.files, text_key), []
     raise ValueError(f"{task.path}: unknown chunk kind {task.kind!r}")
 
 
@@ -86,13 +86,13 @@ def _read_row_group(path, index, text_key):
     return records, bad
 
 
-def _read_files(root, files):
+def _read_files(root, files, text_key="text"):
     """One record per source file; undecodable bytes become U+FFFD (the heuristics count them as encoding errors)."""
     records = []
     for rel in files:
         with open(os.path.join(root, rel), "rb") as f:
             data = f.read()
-        records.append({"text": data.decode("utf-8", errors="replace"), "path": rel})
+        records.append({text_key: data.decode("utf-8", errors="replace"), "path": rel})
     return records
 
 
@@ -123,6 +123,8 @@ def write_records(path: str, records) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         count = _write_parquet(tmp, records) if path.endswith(".parquet") else _write_jsonl(tmp, records)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes it the output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

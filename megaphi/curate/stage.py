@@ -95,10 +95,12 @@ def mpi_world():
 
 def plan_chunks(inputs, text_key: str = "text", extensions=None, chunk_bytes: int = CHUNK_BYTES) -> list:
     """The inputs cut into ordered chunks (gzip files are read here into chunks of lines); the same on every rank."""
-    paths = expand_inputs(inputs, extensions)
     tasks = []
-    for task in plan_tasks(paths, (text_key,), extensions, chunk_bytes):
-        tasks.extend(expand_gzip(task, chunk_bytes) if task.kind == "gzip" else [task])
+    for path in expand_inputs(inputs, extensions):
+        # a source file becomes {text_key: contents, "path"}, so only jsonl and parquet must hold text_key
+        source = os.path.isdir(path) or (extensions and path.endswith(tuple(extensions)))
+        for task in plan_tasks([path], ("text",) if source else (text_key,), extensions, chunk_bytes):
+            tasks.extend(expand_gzip(task, chunk_bytes) if task.kind == "gzip" else [task])
     return tasks
 
 
@@ -133,11 +135,19 @@ def map_ordered(fn, items, workers: int, desc: str = "", weights=None, progress:
         bar.close()
 
 
-def _fingerprint(name, tasks, text_key, params) -> str:
-    """What the parts of a run depend on: inputs (path, size, mtime), chunking, text key and the filter's params."""
-    files = sorted({t.path for t in tasks})
-    stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-    blob = json.dumps([name, stats, len(tasks), text_key, params], sort_keys=True, default=str)
+def input_stats(tasks) -> list:
+    """(path, size, mtime) of every input file, those inside source folders included: what a rerun compares."""
+    files = set()
+    for t in tasks:
+        files.update(os.path.join(t.path, f) for f in t.files) if t.kind == "files" else files.add(t.path)
+    return [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in sorted(files)]
+
+
+def _fingerprint(name, tasks, text_key, params, report, keep_dropped) -> str:
+    """What a run's outputs depend on: the inputs, chunking, text key, report and the filter's params."""
+    report = os.path.abspath(report) if report else None
+    blob = json.dumps([name, input_stats(tasks), len(tasks), text_key, params, report, keep_dropped],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -157,7 +167,8 @@ def _run_chunk(job) -> None:
         outcome = process(records, chunk=i) if getattr(process, "takes_chunk", False) else process(records)
     drops = list(bad) + list(outcome.dropped)
     write_atomic(kept_path, jsonl_bytes(outcome.kept))
-    write_atomic(report_path, jsonl_bytes(_report_line(r, reason, detail, keep_dropped) for r, reason, detail in drops))
+    write_atomic(report_path, jsonl_bytes(_report_line(r, reason, detail, keep_dropped, text_key)
+                                          for r, reason, detail in drops))
     counts = {"records_in": len(records) + len(bad), "kept": len(outcome.kept),
               "dropped": dict(Counter(reason for _, reason, _ in drops)), "bytes_in": task.weight,
               "counts": dict(outcome.counts)}
@@ -176,7 +187,7 @@ def jsonl_bytes(objs) -> bytes:
     return b"".join(out)
 
 
-def _report_line(record, reason, detail, keep_record: bool) -> dict:
+def _report_line(record, reason, detail, keep_record: bool, text_key: str = "text") -> dict:
     """One report line: the reason, its detail, and the record (whole, or its id/path and first characters)."""
     line = {"reason": reason, **(detail or {})}
     if keep_record or not isinstance(record, dict):
@@ -185,7 +196,7 @@ def _report_line(record, reason, detail, keep_record: bool) -> dict:
         for key in ("id", "path", "task_id"):
             if key in record:
                 line[key] = record[key]
-        text = record.get("text")
+        text = record.get(text_key)
         if isinstance(text, str):
             line["text_head"] = text[:200]
     return line
@@ -210,6 +221,8 @@ def _concatenate(files, output) -> None:
             for path in files:
                 with open(path, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the parts it came from are removed
         os.replace(tmp, output)
     except BaseException:
         if os.path.exists(tmp):
@@ -230,9 +243,11 @@ def run_filter_stage(name, inputs, output, process, *, text_key="text", workers=
     rank, world, comm = mpi_world()
     start = time.perf_counter()
     tasks = plan_chunks(inputs, text_key, extensions, chunk_bytes)
-    fingerprint = _fingerprint(name, tasks, text_key, params)
+    _check_outputs(output, report, tasks)
+    fingerprint = _fingerprint(name, tasks, text_key, params, report, keep_dropped)
     summary_path = output + SUMMARY_SUFFIX
-    if resume and os.path.exists(output) and os.path.exists(summary_path):
+    done_before = os.path.exists(output) and os.path.exists(summary_path) and (not report or os.path.exists(report))
+    if resume and done_before:
         with open(summary_path) as f:
             done = json.load(f)
         if done.get("fingerprint") == fingerprint:
@@ -262,6 +277,26 @@ def run_filter_stage(name, inputs, output, process, *, text_key="text", workers=
     if comm:
         summary = comm.bcast(summary, root=0)
     return summary
+
+
+def update_summary(output: str, summary: StageSummary) -> None:
+    """Rewrite OUTPUT.summary.json with summary (a multi-stage tool's totals), keeping its fingerprint."""
+    path = output + SUMMARY_SUFFIX
+    with open(path) as f:
+        done = json.load(f)
+    done["summary"] = summary.to_dict()
+    write_atomic(path, json.dumps(done, indent=1))
+
+
+def _check_outputs(output, report, tasks) -> None:
+    """ValueError for an output that is a folder, or that is also an input (the only copy would be replaced)."""
+    for flag, path in (("--output", output), ("--report", report)):
+        if path and os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a directory, not a file")
+    inputs = {os.path.abspath(t.path) for t in tasks}
+    for flag, path in (("--output", output), ("--report", report)):
+        if path and os.path.abspath(path) in inputs:
+            raise ValueError(f"{flag} {path} is also an --input: write it elsewhere")
 
 
 def _prepare_parts(parts, fingerprint, resume) -> None:

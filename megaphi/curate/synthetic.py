@@ -24,6 +24,7 @@ from collections import Counter
 
 from megaphi.curate import seeds
 from megaphi.curate.llm import LLMClient, ResumableJsonl, run_concurrently
+from megaphi.curate.records import write_atomic
 
 KINDS = ("textbook", "exercises")
 DEFAULT_MAX_TOKENS = {"textbook": 1024, "exercises": 512}
@@ -164,14 +165,6 @@ def rejected_path(output: str) -> str:
     return f"{root}.rejected{ext or '.jsonl'}"
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def generate(kind: str, client: LLMClient, output: str, num: int, seed: int = 0, concurrency: int = 8,
              run_tests: bool = False, max_tokens: int | None = None, temperature: float = 1.0,
              limit: int | None = None, test_timeout: float = 5.0, progress: bool = True) -> dict:
@@ -218,7 +211,7 @@ def generate(kind: str, client: LLMClient, output: str, num: int, seed: int = 0,
                "failed_ids": sorted(run.failed)[:20], "requests": stats["requests"], "retries": stats["retries"],
                "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
                "seconds": round(time.monotonic() - start, 3), "in_files": totals}
-    _write_json(f"{output}.summary.json", summary)
+    write_atomic(f"{output}.summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 
