@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-exercises", type=int, default=1000)
     g.add_argument("--textbook-max-tokens", type=int, default=None)
     g.add_argument("--exercise-max-tokens", type=int, default=None)
+    g.add_argument("--exercise-style", choices=["instruct", "completion"], default="instruct",
+                   help="completion for a base-model endpoint: it writes the body of a given signature + docstring")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the synthetic data")
     g.add_argument("--run-tests", action="store_true", help="keep only exercises whose own asserts pass")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("tokenize")
@@ -97,6 +100,8 @@ def demo_defaults(args) -> None:
     args.textbook_max_tokens = args.textbook_max_tokens or 96  # the demo model has a 256-token context
     args.exercise_max_tokens = args.exercise_max_tokens or 96
     args.judge_max_chars = min(args.judge_max_chars, 100)
+    args.exercise_style = "completion"  # the demo model is a base model
+    args.temperature = min(args.temperature, 0.3)  # a 5M-parameter model writes parseable code only near greedy
     args.proxy_labels = args.proxy_labels or not args.labels
 
 
@@ -184,9 +189,10 @@ class Recipe:
         for kind, num, tokens, out in (("textbook", a.num_textbooks, a.textbook_max_tokens, "4_textbooks.jsonl"),
                                        ("exercises", a.num_exercises, a.exercise_max_tokens, "5_exercises.jsonl")):
             cmd = [TOOLS / "generate_synthetic.py", kind, "--output", p(out), "--num", num, "--seed", a.seed,
-                   *self.endpoint(), "--quiet"]
+                   "--temperature", a.temperature, *self.endpoint(), "--quiet"]
             cmd += ["--max-tokens", tokens] if tokens else []
             cmd += ["--run-tests"] if kind == "exercises" and a.run_tests else []
+            cmd += ["--style", a.exercise_style] if kind == "exercises" else []
             self.run(kind, cmd)
         return p("4_textbooks.jsonl"), p("5_exercises.jsonl")
 
@@ -259,7 +265,7 @@ def summarize(recipe: Recipe, datasets: dict) -> dict:
         summary_file = recipe.work / f"{name}.jsonl.summary.json"
         if summary_file.exists():
             data = json.loads(summary_file.read_text())
-            stages[name] = data.get("summary", data)
+            stages[name] = data.get("summary") or synthetic_totals(recipe.work / f"{name}.rejected.jsonl", data)
     classifier_meta = recipe.work / "quality.joblib.json"
     if classifier_meta.exists():
         stages["quality_classifier"] = json.loads(classifier_meta.read_text()).get("metrics", {})
@@ -272,16 +278,26 @@ def summarize(recipe: Recipe, datasets: dict) -> dict:
     print("\n=== summary ===")
     print(f"{'stage':<14}{'in':>9}{'kept':>9}  dropped (reason: count)")
     for name, s in stages.items():
-        if "kept" in s and ("records_in" in s or "requested" in s):
-            total = s.get("records_in", s.get("requested", 0))
+        if "records_in" in s:
             dropped = ", ".join(f"{r}: {c}" for r, c in (s.get("dropped") or {}).items()) or "-"
-            print(f"{name:<14}{total:>9,}{s['kept']:>9,}  {dropped}")
+            print(f"{name:<14}{s['records_in']:>9,}{s['kept']:>9,}  {dropped}")
     for name, t in tokens.items():
         print(f"dataset {name:<10} {t:>12,} tokens  {datasets[name]}")
     print(f"\npretrain:  --data-path {summary['pretrain_data_path']}")
     print(f"finetune:  --data-path {summary['finetune_data_path']}")
     print(f"(all counts: {recipe.work / 'recipe_summary.json'})")
     return summary
+
+
+def synthetic_totals(rejected: Path, run: dict) -> dict:
+    """A synthetic file's totals over all runs: replies, kept, dropped by reason (its rejected file), tokens."""
+    from collections import Counter
+
+    reasons = Counter(json.loads(line)["reason"] for line in open(rejected, encoding="utf-8") if line.strip()) \
+        if rejected.exists() else Counter()
+    kept = run["in_files"]["kept"]
+    return {"records_in": kept + sum(reasons.values()), "kept": kept, "dropped": dict(reasons),
+            "last_run": {k: run[k] for k in ("requests", "prompt_tokens", "completion_tokens", "seconds")}}
 
 
 def dataset_tokens(prefix: str) -> int:

@@ -188,3 +188,18 @@ def test_real_megaphi_server_textbooks_are_seeded_and_counted(tmp_path, repo_roo
     assert sorted((r["id"], r.get("text")) for r in again) == sorted((r["id"], r.get("text")) for r in records)
     chat, summary = run("c.jsonl", "--chat", "--limit", 1)
     assert len(chat) == 1 and summary["requested"] == 1 and chat[0]["usage"]["prompt_tokens"] > 40
+
+
+def test_completion_style_exercises_are_the_header_plus_the_models_body():
+    jobs = build_prompts("exercises", 3, seed=5, style="completion")
+    assert all(j["id"].startswith("exercises-completion-5-") and j["stop"] for j in jobs)
+    assert {j["id"] for j in jobs}.isdisjoint(j["id"] for j in build_prompts("exercises", 3, seed=5))
+    job = jobs[0]
+    fields, reason = check_reply("exercises", job, "    out = list(data)\n    return out[::-1]\n")
+    assert reason == ""
+    assert fields["exercise"] == job["prompt"] and fields["solution"] == "    out = list(data)\n    return out[::-1]\n"
+    assert check_reply("exercises", job, "    return (data\n")[1] == "no_parse"
+    cut, reason = check_reply("exercises", job, "    total = len(data)\n    return total\n    if (x\n")
+    assert reason == "" and cut["solution"] == "    total = len(data)\n    return total\n"  # cut where it stopped
+    with pytest.raises(ValueError, match="for exercises"):
+        build_prompts("textbook", 1, style="completion")

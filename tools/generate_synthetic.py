@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="per reply (default: 1024 textbook, 512 exercises)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None, help="send at most this many requests in this run")
+    p.add_argument("--style", choices=["instruct", "completion"], default="instruct",
+                   help="exercises: instruct (ask for exercise, solution and tests) or completion (a base model "
+                        "writes the body of a given signature and docstring)")
     p.add_argument("--run-tests", action="store_true", help="keep only exercises whose own asserts pass")
     p.add_argument("--test-timeout", type=float, default=5.0, help="seconds per exercise in the sandbox")
     p.add_argument("--print-prompts", type=int, default=0, metavar="K", help="print the first K prompts and exit")
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
     from megaphi.curate.synthetic import build_prompts, format_summary, generate
 
     if args.print_prompts:
-        for job in build_prompts(args.kind, min(args.num, args.print_prompts), args.seed):
+        for job in build_prompts(args.kind, min(args.num, args.print_prompts), args.seed,
+                                 style=args.style):
             print(json.dumps(job, ensure_ascii=False))
         return 0
     try:
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
                              args.backoff, args.max_backoff, chat=args.chat)
         summary = generate(args.kind, LLMClient(cfg), args.output, args.num, args.seed, args.concurrency,
                            args.run_tests, args.max_tokens, args.temperature, args.limit, args.test_timeout,
-                           progress=not args.quiet)
+                           progress=not args.quiet, style=args.style)
     except (ValueError, OSError, RuntimeError) as err:  # bad input, a non-retryable answer (4xx), a broken sandbox
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from megaphi.curate.llm import LLMClient, ResumableJsonl, run_concurrently
 from megaphi.curate.records import write_atomic
 
 KINDS = ("textbook", "exercises")
+STYLES = ("instruct", "completion")
 DEFAULT_MAX_TOKENS = {"textbook": 1024, "exercises": 512}
 
 TEXTBOOK_PROMPT = (
@@ -39,6 +40,13 @@ EXERCISE_PROMPT = (
     "input and its output; then the solution, as the function's body. {constraint}\n"
     "After the function, add at least three assert statements that test it. Reply with one ```python code "
     "block and nothing else.\n")
+# For a base model (no instructions followed): the exercise's header, whose body the model writes; it stops where
+# a new top-level statement starts (OpenAI endpoints take at most 4 stop strings).
+EXERCISE_COMPLETION_PROMPT = (
+    "# {topic}: {subtopic}. An exercise for {audience}.\n"
+    "def {function_name}(data):\n"
+    '    """{task} {constraint}"""\n')
+COMPLETION_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 
 
 def _spaces(kind: str) -> dict:
@@ -55,21 +63,27 @@ def _coprime(size: int, rng: random.Random) -> int:
     return rng.choice(choices) if choices else 1
 
 
-def build_prompts(kind: str, n: int, seed: int = 0, start: int = 0) -> list[dict]:
-    """Prompts start..start+n-1 of (kind, seed): {"id", "prompt", "seed" (the request's), and what it combines}."""
-    return list(iter_prompts(kind, n, seed, start))
+def build_prompts(kind: str, n: int, seed: int = 0, start: int = 0, style: str = "instruct") -> list[dict]:
+    """Prompts start..start+n-1 of (kind, seed): {"id", "prompt", "seed" (the request's), and what it combines}.
+
+    style "completion" (exercises only) gives base models the exercise's header to write the body of."""
+    return list(iter_prompts(kind, n, seed, start, style))
 
 
-def iter_prompts(kind: str, n: int, seed: int = 0, start: int = 0):
+def iter_prompts(kind: str, n: int, seed: int = 0, start: int = 0, style: str = "instruct"):
     """build_prompts, one at a time (a million prompts need not sit in memory)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if style not in STYLES:
+        raise ValueError(f"--style must be one of {STYLES}, got {style!r}")
+    if style == "completion" and kind != "exercises":
+        raise ValueError("--style completion is for exercises: textbook prompts work with any model as they are")
     if n < 0 or start < 0:
         raise ValueError(f"--num must be >= 0, got {n}")
-    return _prompts(kind, n, seed, start)
+    return _prompts(kind, n, seed, start, style)
 
 
-def _prompts(kind: str, n: int, seed: int, start: int):
+def _prompts(kind: str, n: int, seed: int, start: int, style: str):
     rng = random.Random(f"{kind}:{seed}")
     spaces = {}
     for name, values in _spaces(kind).items():  # each list in an order of this seed's own
@@ -92,10 +106,17 @@ def _prompts(kind: str, n: int, seed: int, start: int):
         for c, (name, values) in enumerate(spaces.items()):
             pick[name] = values[sum(r * m for r, m in zip(raw, mult[c])) % sizes[c]]
         request_seed = int.from_bytes(hashlib.sha256(f"{kind}:{seed}:{i}".encode()).digest()[:4], "little") >> 1
-        record = {"id": f"{kind}-{seed}-{i:07d}", "seed": request_seed}
+        name = kind if style == "instruct" else f"{kind}-{style}"  # a style's ids never match another's
+        record = {"id": f"{name}-{seed}-{i:07d}", "seed": request_seed}
         record["topic"], record["subtopic"] = pick.pop("topic")
         record.update(pick)
-        record["prompt"] = (EXERCISE_PROMPT if kind == "exercises" else TEXTBOOK_PROMPT).format(**record)
+        if style == "completion":
+            verb, _, noun = record["function_name"].partition("_")
+            record["prompt"] = EXERCISE_COMPLETION_PROMPT.format(task=f"{verb.capitalize()} the {noun} of `data`.",
+                                                                 **record)
+            record["style"], record["stop"] = style, COMPLETION_STOPS
+        else:
+            record["prompt"] = (EXERCISE_PROMPT if kind == "exercises" else TEXTBOOK_PROMPT).format(**record)
         yield record
 
 
@@ -138,13 +159,29 @@ def split_exercise(code: str, function_name: str | None = None) -> tuple[dict | 
             "text": "\n".join(lines[:body_end]).rstrip() + "\n"}, ""
 
 
+def _complete_exercise(job: dict, text: str):
+    """split_exercise of header + body, the body cut back to its longest prefix of whole lines that parses (a
+    reply stopped by max_tokens ends mid-statement, as HumanEval completions are cut at a stop)."""
+    lines = text.splitlines(keepends=True)
+    first = None
+    for end in range(len(lines), 0, -1):
+        parts, reason = split_exercise(job["prompt"] + "".join(lines[:end]), job.get("function_name"))
+        if parts is not None:
+            return parts, reason
+        first = first or reason
+    return None, first or "no_solution"
+
+
 def check_reply(kind: str, job: dict, text: str, run_tests: bool = False, test_timeout: float = 5.0):
     """(fields to add to the record, "") for a reply worth keeping, else (detail fields, reason)."""
     if not text.strip():
         return {}, "empty"
     if kind == "textbook":
         return {"text": text.strip() + "\n"}, ""
-    parts, reason = split_exercise(extract_code(text), job.get("function_name"))
+    if job.get("style") == "completion":
+        parts, reason = _complete_exercise(job, text)
+    else:
+        parts, reason = split_exercise(extract_code(text), job.get("function_name"))
     if parts is None:
         return {"text": text}, reason
     if run_tests:
@@ -167,7 +204,8 @@ def rejected_path(output: str) -> str:
 
 def generate(kind: str, client: LLMClient, output: str, num: int, seed: int = 0, concurrency: int = 8,
              run_tests: bool = False, max_tokens: int | None = None, temperature: float = 1.0,
-             limit: int | None = None, test_timeout: float = 5.0, progress: bool = True) -> dict:
+             limit: int | None = None, test_timeout: float = 5.0, progress: bool = True,
+             style: str = "instruct") -> dict:
     """Generates the first `num` prompts of (kind, seed) not yet in OUTPUT or its rejected file; returns the summary.
 
     The summary (also written to OUTPUT.summary.json) counts this run's requests, retries, tokens, kept and
@@ -178,7 +216,7 @@ def generate(kind: str, client: LLMClient, output: str, num: int, seed: int = 0,
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
     max_tokens = max_tokens or DEFAULT_MAX_TOKENS[kind]
-    jobs = ({**job, "max_tokens": max_tokens, "temperature": temperature} for job in iter_prompts(kind, num, seed))
+    jobs = ({**job, "max_tokens": max_tokens, "temperature": temperature} for job in iter_prompts(kind, num, seed, 0, style))
     kept, rejected = ResumableJsonl(output), ResumableJsonl(rejected_path(output))
     lock = threading.Lock()
     counts = Counter()
@@ -186,7 +224,7 @@ def generate(kind: str, client: LLMClient, output: str, num: int, seed: int = 0,
 
     def on_result(job, completion):
         fields, reason = check_reply(kind, job, completion.text, run_tests, test_timeout)
-        meta = {k: v for k, v in job.items() if k not in ("max_tokens", "temperature")}
+        meta = {k: v for k, v in job.items() if k not in ("max_tokens", "temperature", "stop")}
         record = {"id": job["id"], "kind": kind, **fields, **meta, "model": model,
                   "finish_reason": completion.finish_reason, "usage": completion.usage()}
         if reason:
