@@ -305,13 +305,14 @@ def test_gpu_linear_cross_entropy_phi1(dtype):
 
 @gpu_only
 def test_gpu_autocast_model_step_matches_reference():
-    """bf16 autocast over fp32 weights, as the trainer runs: backend=None picks triton and agrees with reference."""
+    """bf16 autocast over fp32 weights, as the trainer runs: backend=None (cuda where built, triton for the ops cuda
+    lacks or declines) agrees with the reference."""
     config = ModelConfig(vocab_size=1000, num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024,
                          max_position_embeddings=256)
     torch.manual_seed(13)
     model = PhiForCausalLM(config).cuda()
     ids = torch.randint(0, 1000, (2, 256), device="cuda")
-    assert kernels.get_backend(device="cuda") == "triton"
+    assert kernels.get_backend(device="cuda") == ("cuda" if "cuda" in kernels.available_backends() else "triton")
     # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by all keys): noise only.
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if not n.endswith("k_proj.bias")])
     results = {}
