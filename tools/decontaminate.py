@@ -16,7 +16,7 @@ import hashlib
 import os
 import sys
 
-from megaphi.curate.cli import run_tool
+from megaphi.curate.cli import add_stage_args, run_tool
 from megaphi.curate.decontaminate import DecontamConfig, Decontaminator, get_index
 from megaphi.curate.stage import mpi_world, run_filter_stage
 
@@ -24,10 +24,6 @@ from megaphi.curate.stage import mpi_world, run_filter_stage
 def parse_args(argv=None) -> argparse.Namespace:
     d = DecontamConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="jsonl / .jsonl.gz / .parquet files, globs, folders")
-    p.add_argument("--output", required=True, help="kept records (.jsonl or .parquet), every field kept")
-    p.add_argument("--report", default=None, help="jsonl: one line per removed record and the item it matched")
-    p.add_argument("--keep-dropped", action="store_true", help="put each removed record whole into the report")
     p.add_argument("--benchmarks", default=",".join(d.benchmarks), help="comma-separated: humaneval, mbpp")
     p.add_argument("--mbpp-path", default=None, help="MBPP's mbpp.jsonl (default: shared/data/mbpp/mbpp.jsonl)")
     p.add_argument("--ngram", type=int, default=d.ngram, help="tokens per n-gram")
@@ -39,12 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also compare functions' canonical ASTs; remove at this similarity (e.g. 0.9; off by default)")
     p.add_argument("--ast-min-nodes", type=int, default=d.ast_min_nodes,
                    help="smallest function (AST nodes) the AST rule compares")
-    p.add_argument("--text-key", default="text", help="the field holding the text")
-    p.add_argument("--extensions", nargs="+", default=None, help="source files to take from folders (e.g. .py)")
-    p.add_argument("--workers", type=int, default=1, help="processes (per rank under mpiexec)")
-    p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="input bytes per work item")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of reusing finished chunks")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_stage_args(p)
     return p.parse_args(argv)
 
 

@@ -10,17 +10,13 @@ import argparse
 import json
 import sys
 
-from megaphi.curate.cli import run_tool
+from megaphi.curate.cli import add_stage_args, run_tool
 from megaphi.curate.dedup import STAGES, DedupConfig, run_dedup
 from megaphi.curate.stage import mpi_world
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="jsonl / .jsonl.gz / .parquet files, globs, folders")
-    p.add_argument("--output", required=True, help="kept records (.jsonl or .parquet), every field kept")
-    p.add_argument("--report", default="", help="jsonl: one line per removed record with the kept one it matches")
-    p.add_argument("--keep-dropped", action="store_true", help="put each removed record whole into the report")
     p.add_argument("--workdir", default="", help="stage files (default: OUTPUT.dedup)")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES)
     p.add_argument("--threshold", type=float, default=0.7, help="estimated Jaccard similarity of near duplicates")
@@ -31,12 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=0, help="rows per band (with --bands)")
     p.add_argument("--partitions", type=int, default=16, help="bucket partitions (each is held in memory once)")
     p.add_argument("--no-verify", action="store_true", help="take every band collision as a duplicate")
-    p.add_argument("--text-key", default="text")
-    p.add_argument("--extensions", nargs="+", default=[], help="source files to take from folder inputs (.py)")
-    p.add_argument("--workers", type=int, default=1, help="processes (per rank under mpiexec)")
-    p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="input bytes per chunk")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of reusing finished stage files")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_stage_args(p)
     return p.parse_args(argv)
 
 
@@ -45,7 +36,7 @@ def run(args) -> None:
         inputs=args.input, output=args.output, workdir=args.workdir, threshold=args.threshold,
         num_perm=args.num_perm, ngram=args.ngram, seed=args.seed, bands=args.bands, rows=args.rows,
         partitions=args.partitions, verify=not args.no_verify, text_key=args.text_key,
-        extensions=tuple(args.extensions), workers=args.workers, report=args.report,
+        extensions=tuple(args.extensions or ()), workers=args.workers, report=args.report or "",
         resume=not args.no_resume, progress=not args.quiet, chunk_bytes=args.chunk_bytes,
         keep_dropped=args.keep_dropped)
     result = run_dedup(cfg, args.stage)

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from megaphi.curate.cli import run_tool
+from megaphi.curate.cli import add_stage_args, run_tool
 from megaphi.curate.heuristics import HeuristicFilter, add_heuristic_args, heuristic_config
 
 
@@ -36,18 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("train", "train the quality classifier on labels"),
                        ("score", "score files with the classifier and keep those >= --threshold")):
         mode.add_argument(f"--{name}", action="store_true", help=text)
-    g = p.add_argument_group("data")
-    g.add_argument("--input", nargs="+", default=[], help="jsonl / .jsonl.gz / parquet files, globs or folders")
-    g.add_argument("--output", help="output jsonl or .parquet (--annotate: the labels jsonl, appended to)")
-    g.add_argument("--report", help="jsonl with one line per dropped record and its reason")
-    g.add_argument("--keep-dropped", action="store_true", help="put each dropped record whole into the report")
-    g.add_argument("--text-key", default="text", help="the field holding the text")
+    g = add_stage_args(p, required=False)
     g.add_argument("--id-key", default="id", help="the field naming a record (else its path, else a text hash)")
-    g.add_argument("--extensions", nargs="+", default=None, help="source files to take from folders (e.g. .py)")
-    g.add_argument("--workers", type=int, default=1, help="processes (per rank under mpiexec)")
-    g.add_argument("--chunk-bytes", type=int, default=4 << 20, help="input bytes per work item")
-    g.add_argument("--no-resume", action="store_true", help="start over instead of reusing finished chunks")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_heuristic_args(p)
     g = p.add_argument_group("--annotate: the LLM judge")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
