@@ -102,8 +102,11 @@ def test_binding_rejects_bad_arguments_before_touching_the_gpu():
                             (dict(outputs=[512, 768]), "same length"), (dict(pos_offset=-1), "negative position")]:
         with pytest.raises(ValueError, match=message):
             ext.rotary(**{**rotary, **change})
-    # Nothing to do (zero rows) is not an error and launches nothing.
+    # Nothing to do (zero rows) is not an error and launches nothing, even on the null data_ptr() of empty tensors.
     ext.rotary(**{**rotary, "seq": 0})
+    ext.rotary(**{**rotary, "batch": 0, "inputs": [0], "outputs": [0]})
+    with pytest.raises(ValueError, match="null tensor pointer"):
+        ext.rotary(**{**rotary, "inputs": [0]})
 
 
 def test_wrappers_reject_bad_shapes_and_devices():
@@ -170,6 +173,54 @@ def test_gpu_mlp(dtype, shape, ffn, b1, b2):
     inputs = mlp_inputs(shape, ffn, dtype, b1, b2)
     out, _ = assert_as_accurate_as_reference(cuda_mlp.mlp, reference.mlp, inputs, f"mlp {shape} {dtype}")
     assert out[0].shape == shape and out[0].dtype == dtype
+
+
+def gelu_grad(x):
+    """d gelu_tanh / dx at x, fp32."""
+    x = x.float().requires_grad_()
+    (g,) = torch.autograd.grad(reference.gelu_tanh(x).sum(), (x,))
+    return g
+
+
+@gpu_only
+@pytest.mark.parametrize("trans_a,trans_b,epilogue", [
+    (False, False, "none"), (False, True, "bias"), (True, False, "none"), (True, True, "bias"),  # the layout map
+    (False, True, "gelu_aux_bias"), (False, False, "dgelu_bgrad"), (True, False, "bgrad_a"),  # as the MLP calls them
+])
+def test_gpu_gemm_layouts_and_epilogues(trans_a, trans_b, epilogue):
+    """One row-major GEMM and its epilogue at a time, fp16, against fp32 torch: pins a failing MLP to one GEMM."""
+    torch.manual_seed(24)
+    m, n, k = 200, 136, 72  # no two alike, each a multiple of 8
+    a = randn(*((k, m) if trans_a else (m, k)), dtype=torch.float16, scale=k**-0.5, grad=False)
+    b = randn(*((n, k) if trans_b else (k, n)), dtype=torch.float16, grad=False)
+    acc = (a.float().t() if trans_a else a.float()) @ (b.float().t() if trans_b else b.float())
+    d = torch.empty(m, n, dtype=torch.float16, device="cuda")
+    close = dict(rtol=4e-3, atol=4e-3)
+    if epilogue in ("none", "bias"):
+        bias = randn(n, dtype=torch.float16, grad=False) if epilogue == "bias" else None
+        assert cuda_mlp.gemm(a, b, d, trans_a, trans_b, epilogue, bias)
+        torch.testing.assert_close(d.float(), acc + (0 if bias is None else bias.float()), **close)
+    elif epilogue == "gelu_aux_bias":
+        bias, pre = randn(n, dtype=torch.float16, grad=False), torch.empty_like(d)
+        assert cuda_mlp.gemm(a, b, d, trans_a, trans_b, epilogue, bias, pre)
+        torch.testing.assert_close(pre.float(), acc + bias.float(), **close)  # the stored pre-activation
+        torch.testing.assert_close(d.float(), reference.gelu_tanh(pre.float()), **close)
+        # tanh GELU, not erf: they differ by up to 5e-4, which only the statistics of many elements tell apart.
+        erf = torch.nn.functional.gelu(pre.float())
+        assert rel_error(d, reference.gelu_tanh(pre.float())) < rel_error(d, erf)
+    elif epilogue == "dgelu_bgrad":
+        aux, bias = randn(m, n, dtype=torch.float16, grad=False), torch.empty(n, dtype=torch.float16, device="cuda")
+        assert cuda_mlp.gemm(a, b, d, trans_a, trans_b, epilogue, bias, aux)
+        expected = acc * gelu_grad(aux)
+        torch.testing.assert_close(d.float(), expected, **close)
+        torch.testing.assert_close(bias.float(), expected.sum(0), rtol=1e-2, atol=2e-2)  # over the M rows of D
+    else:  # bgrad_a: the bias gradient (length M) is op(A) summed over K; False: cuBLASLt lacks it, d is plain
+        bias = torch.full((m,), float("nan"), dtype=torch.float16, device="cuda")
+        fused = cuda_mlp.gemm(a, b, d, trans_a, trans_b, epilogue, bias)
+        torch.testing.assert_close(d.float(), acc, **close)
+        print(f"bgrad_a fused by cuBLASLt: {fused}")
+        if fused:
+            torch.testing.assert_close(bias.float(), a.float().sum(0), rtol=1e-2, atol=2e-2)
 
 
 @gpu_only

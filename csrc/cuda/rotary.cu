@@ -115,11 +115,12 @@ void rotary_launch(const RotaryArgs& a) {
                   "rotary: rotary_dim must be even and in [2, head_dim]");
   MEGAPHI_REQUIRE(a.pos_offset >= 0, "rotary: negative position offset");
   MEGAPHI_REQUIRE(a.rotate_count == 0 || (a.cos && a.sin), "rotary: cos and sin tables are needed");
-  for (int z = 0; z < a.count; ++z) MEGAPHI_REQUIRE(a.t[z].in && a.t[z].out, "rotary: null tensor pointer");
   const long long rows = static_cast<long long>(a.batch) * a.seq * a.heads;
   MEGAPHI_REQUIRE(rows <= INT_MAX && static_cast<long long>(a.pos_offset) + a.seq <= INT_MAX,
                   "rotary: batch * seq * heads must fit in 32 bits");
+  // Before the pointer check: torch gives empty tensors a null data_ptr(), and they are nothing to do.
   if (rows == 0) return;
+  for (int z = 0; z < a.count; ++z) MEGAPHI_REQUIRE(a.t[z].in && a.t[z].out, "rotary: null tensor pointer");
   RotaryParams p{};
   for (int z = 0; z < a.count; ++z) p.t[z] = a.t[z];
   p.cos = a.cos;

@@ -126,7 +126,7 @@ def mlp_unsupported(x, w1, b1, w2, b2):
     if ffn % 8 or hidden % 8 or w2.shape[0] % 8:
         return (f"hidden {hidden}, ffn {ffn}, output {w2.shape[0]}: each must be a multiple of 8 (cuBLASLt's "
                 "GELU aux matrix and 16-byte rows)")
-    if x.numel() == 0:
+    if x.numel() == 0 or w1.numel() == 0 or w2.numel() == 0:  # cuBLASLt takes no zero M, N or K
         return "an empty input"
     return None
 
