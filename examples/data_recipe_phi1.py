@@ -126,19 +126,41 @@ class Recipe:
         self.args, self.work = args, Path(args.workdir)
         (self.work / "reports").mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.up_to_date: list[str] = []  # stages that found their work done and changed nothing
 
     def path(self, name: str) -> str:
         return str(self.work / name)
 
-    def run(self, stage: str, cmd: list) -> None:
-        """Run one tool; a failure stops the recipe with the tool's own message above."""
+    def run(self, stage: str, cmd: list, outputs: tuple = ()) -> None:
+        """Run one tool; a failure stops the recipe with the tool's own message above. A tool that left its
+        outputs as they were (it resumed and found its work done) is reported up to date."""
         print(f"\n=== {stage} ===", flush=True)
+        before = [file_stats(path) for path in outputs if os.path.exists(path)]
         start = time.perf_counter()
         result = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO)
         if result.returncode != 0:
             sys.exit(f"error: stage {stage!r} failed (exit {result.returncode}); fix the cause and rerun this "
                      "command: finished stages and chunks are kept")
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        if before and before == [file_stats(path) for path in outputs if os.path.exists(path)]:
+            self.done(stage, outputs[0], "(finished earlier: nothing redone)")
+
+    def done(self, stage: str, output: str, note: str = "") -> None:
+        """Report a stage whose outputs were already complete."""
+        self.up_to_date.append(stage)
+        print(f"up to date: {output} {note}".rstrip())
+
+    def run_once(self, stage: str, cmd: list, output: str, inputs: list) -> None:
+        """run(), unless output was made by this same command from inputs as they are now (a tool that always
+        redoes its work, like --train, would otherwise make every later stage redo its own)."""
+        stamp = json.dumps([list(map(str, cmd)), [file_stats(path) for path in inputs]])
+        marker = Path(output + ".recipe.json")
+        if Path(output).exists() and marker.exists() and marker.read_text() == stamp:
+            print(f"\n=== {stage} ===")
+            self.done(stage, output)
+            return
+        self.run(stage, cmd)
+        marker.write_text(stamp)
 
     def common(self) -> list:
         return ["--workers", self.args.workers, "--quiet"]
@@ -158,16 +180,18 @@ class Recipe:
         a, p = self.args, self.path
         self.run("heuristics", [TOOLS / "filter_code.py", "--heuristics", "--input", *a.input, "--extensions",
                                 *a.extensions, "--output", p("1_heuristics.jsonl"), "--report",
-                                p("reports/heuristics.jsonl"), *self.common()])
+                                p("reports/heuristics.jsonl"), *self.common()], (p("1_heuristics.jsonl"),))
         self.run("dedup", [TOOLS / "dedup.py", "--input", p("1_heuristics.jsonl"), "--output", p("2_dedup.jsonl"),
-                           "--report", p("reports/dedup.jsonl"), *self.common()])
+                           "--report", p("reports/dedup.jsonl"), *self.common()], (p("2_dedup.jsonl"),))
         labels = self.labels(p("2_dedup.jsonl"))
-        self.run("quality: train", [TOOLS / "filter_code.py", "--train", "--labels", *labels, "--input",
-                                    p("2_dedup.jsonl"), "--classifier", p("quality.joblib"), *self.embedder(),
-                                    "--max-tokens", a.embed_max_tokens, "--seed", a.seed, "--quiet"])
+        train = [TOOLS / "filter_code.py", "--train", "--labels", *labels, "--input", p("2_dedup.jsonl"),
+                 "--classifier", p("quality.joblib"), *self.embedder(), "--max-tokens", a.embed_max_tokens,
+                 "--seed", a.seed, "--quiet"]
+        self.run_once("quality: train", train, p("quality.joblib"), [*labels, p("2_dedup.jsonl")])
         self.run("quality: score", [TOOLS / "filter_code.py", "--score", "--input", p("2_dedup.jsonl"), "--output",
                                     p("3_quality.jsonl"), "--classifier", p("quality.joblib"), "--threshold",
-                                    a.threshold, "--report", p("reports/quality.jsonl"), *self.common()])
+                                    a.threshold, "--report", p("reports/quality.jsonl"), *self.common()],
+                 (p("3_quality.jsonl"),))
         return p("3_quality.jsonl")
 
     def labels(self, corpus: str) -> list:
@@ -176,11 +200,14 @@ class Recipe:
         if a.labels:
             return a.labels
         if a.proxy_labels:
-            write_proxy_labels(corpus, p("3_labels_proxy.jsonl"), a.annotate_sample, a.seed)
+            print("\n=== quality: proxy labels ===")
+            if not write_proxy_labels(corpus, p("3_labels_proxy.jsonl"), a.annotate_sample, a.seed):
+                self.done("quality: proxy labels", p("3_labels_proxy.jsonl"))
             return [p("3_labels_proxy.jsonl")]
         self.run("quality: annotate", [TOOLS / "filter_code.py", "--annotate", "--input", corpus, "--sample",
                                        a.annotate_sample, "--output", p("3_labels.jsonl"), "--judge-max-chars",
-                                       a.judge_max_chars, "--seed", a.seed, *self.endpoint(), "--quiet"])
+                                       a.judge_max_chars, "--seed", a.seed, *self.endpoint(), "--quiet"],
+                 (p("3_labels.jsonl"),))
         return [p("3_labels.jsonl")]
 
     def synthesize(self) -> tuple:
@@ -193,7 +220,7 @@ class Recipe:
             cmd += ["--max-tokens", tokens] if tokens else []
             cmd += ["--run-tests"] if kind == "exercises" and a.run_tests else []
             cmd += ["--style", a.exercise_style] if kind == "exercises" else []
-            self.run(kind, cmd)
+            self.run(kind, cmd, (p(out), p(out.replace(".jsonl", ".rejected.jsonl"))))
         return p("4_textbooks.jsonl"), p("5_exercises.jsonl")
 
     def decontaminate(self, name: str, source: str, ast: bool) -> str:
@@ -201,7 +228,7 @@ class Recipe:
         out = self.path(f"6_{name}.jsonl")
         cmd = [TOOLS / "decontaminate.py", "--input", source, "--output", out, "--benchmarks", "humaneval,mbpp",
                "--report", self.path(f"reports/decontaminate_{name}.jsonl"), *self.common()]
-        self.run(f"decontaminate {name}", cmd + (["--ast-threshold", "0.9"] if ast else []))
+        self.run(f"decontaminate {name}", cmd + (["--ast-threshold", "0.9"] if ast else []), (out,))
         return out
 
     def tokenize(self, name: str, source: str) -> str:
@@ -211,7 +238,8 @@ class Recipe:
         dataset = Path(f"{prefix}_text_document")
         idx = dataset.with_suffix(".idx")
         if idx.exists() and idx.stat().st_mtime >= Path(source).stat().st_mtime:
-            print(f"\n=== tokenize {name} ===\nup to date: {dataset}")
+            print(f"\n=== tokenize {name} ===")
+            self.done(f"tokenize {name}", str(dataset))
             return str(dataset)
         if not any(line.strip() for line in open(source, encoding="utf-8")):
             sys.exit(f"error: {source} kept no record, so there is nothing to tokenize for {name}: see the "
@@ -223,8 +251,15 @@ class Recipe:
         return str(dataset)
 
 
-def write_proxy_labels(corpus: str, output: str, sample: int, seed: int) -> None:
-    """Labels from a rule (docstrings and comments per line, short functions): a stand-in for the judge."""
+def file_stats(path: str) -> tuple:
+    """(path, size, mtime): what a rerun compares."""
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+def write_proxy_labels(corpus: str, output: str, sample: int, seed: int) -> bool:
+    """Labels from a rule (docstrings and comments per line, short functions): a stand-in for the judge. False
+    when output already holds them (it is left untouched, so --train sees nothing new)."""
     from megaphi.curate.quality import record_id, sample_records
     from megaphi.curate.records import read_jsonl, write_records
 
@@ -235,8 +270,11 @@ def write_proxy_labels(corpus: str, output: str, sample: int, seed: int) -> None
         defs = sum(line.startswith(("def ", "class ")) for line in lines)
         score = min(10.0, 40 * explained + (3.0 if defs and len(lines) / defs < 40 else 0.0))
         rows.append({"id": record_id(record), "score": round(score, 2), "source": "proxy rule"})
+    if os.path.exists(output) and list(read_jsonl(output)) == rows:
+        return False
     write_records(output, rows)
-    print(f"\n=== quality: proxy labels ===\n{len(rows)} files labeled by the stand-in rule -> {output}")
+    print(f"{len(rows)} files labeled by the stand-in rule -> {output}")
+    return True
 
 
 def start_server(checkpoint: str):
@@ -271,6 +309,7 @@ def summarize(recipe: Recipe, datasets: dict) -> dict:
         stages["quality_classifier"] = json.loads(classifier_meta.read_text()).get("metrics", {})
     tokens = {name: dataset_tokens(prefix) for name, prefix in datasets.items()}
     summary = {"stages": stages, "seconds": {k: round(v, 1) for k, v in recipe.timings.items()},
+               "up_to_date": recipe.up_to_date,
                "datasets": datasets, "tokens": tokens}
     summary["pretrain_data_path"] = blend(datasets, tokens, recipe.args.textbook_weight)
     summary["finetune_data_path"] = datasets["exercises"]
@@ -283,6 +322,8 @@ def summarize(recipe: Recipe, datasets: dict) -> dict:
             print(f"{name:<14}{s['records_in']:>9,}{s['kept']:>9,}  {dropped}")
     for name, t in tokens.items():
         print(f"dataset {name:<10} {t:>12,} tokens  {datasets[name]}")
+    if recipe.up_to_date:
+        print(f"up to date, nothing redone: {', '.join(recipe.up_to_date)}")
     print(f"\npretrain:  --data-path {summary['pretrain_data_path']}")
     print(f"finetune:  --data-path {summary['finetune_data_path']}")
     print(f"(all counts: {recipe.work / 'recipe_summary.json'})")

@@ -439,9 +439,11 @@ def run_dedup(cfg: DedupConfig, stage: str = "all") -> dict:
         result["summary"] = summary
     if rank == 0 and os.path.exists(wd.clusters_done()):
         result.setdefault("clusters", {}).update(_read_json(wd.clusters_done()))
-    if rank == 0 and stage == "all" and "summary" in result:  # the summary covers every stage, not the filter's
-        summary = result["summary"]
+    summary = result.get("summary")
+    if rank == 0 and stage == "all" and summary is not None and not summary.cached:  # all stages' totals
+        # (a finished output that was not redone keeps the totals it has)
         summary.seconds = sum(result[s]["seconds"] for s in STAGES if s in result)
-        summary.counts.update({k: v for k, v in result.get("clusters", {}).items() if isinstance(v, int)})
+        summary.counts.update({k: v for k, v in result.get("clusters", {}).items()
+                               if isinstance(v, int) and k not in summary.counts})
         update_summary(cfg.output, summary)
     return result

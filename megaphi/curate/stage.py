@@ -46,6 +46,7 @@ class StageSummary:
     seconds: float = 0.0
     counts: Counter = field(default_factory=Counter)
     output: str = ""
+    cached: bool = False  # True when a finished run's summary was returned and nothing was redone
 
     def mb_per_s(self) -> float:
         """Input megabytes (1e6 bytes) per second."""
@@ -251,7 +252,9 @@ def run_filter_stage(name, inputs, output, process, *, text_key="text", workers=
         with open(summary_path) as f:
             done = json.load(f)
         if done.get("fingerprint") == fingerprint:
-            return StageSummary.from_dict(done["summary"])
+            summary = StageSummary.from_dict(done["summary"])
+            summary.cached = True
+            return summary
     parts = output + ".parts"
     if rank == 0:
         _prepare_parts(parts, fingerprint, resume)
