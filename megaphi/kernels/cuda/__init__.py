@@ -10,6 +10,8 @@ import importlib
 
 import torch
 
+from megaphi.kernels.autocast import compute_dtype
+
 from megaphi.kernels.cuda import _ext
 from megaphi.kernels.cuda import layer_norm as _layer_norm
 from megaphi.kernels.cuda.layer_norm import layer_norm
@@ -59,11 +61,6 @@ def unavailable_reason():
     return _device_reason(torch.cuda.current_device())
 
 
-def _compute_dtype(x):
-    """The dtype the op computes in: the autocast dtype inside an autocast region, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _module_supports(module, op, args, default):
@@ -81,7 +78,7 @@ def supports(op, *args):
     if op == "layer_norm":
         return _layer_norm.supports(*args)
     if op == "mlp" and _mlp is not None:  # fp32 without TF32 is cuBLAS's ground
-        return _module_supports(_mlp, op, args, lambda: _compute_dtype(x) in _HALF)
+        return _module_supports(_mlp, op, args, lambda: compute_dtype(x) in _HALF)
     if op in ("rotary_attention", "apply_rotary") and _rotary is not None:
-        return _module_supports(_rotary, op, args, lambda: _compute_dtype(x) in _HALF)
+        return _module_supports(_rotary, op, args, lambda: compute_dtype(x) in _HALF)
     return False

@@ -12,28 +12,17 @@ import functools
 import torch
 
 from megaphi.kernels import reference
+from megaphi.kernels.autocast import autocast_inputs, compute_dtype
 from megaphi.kernels.cuda._ext import dtype_code, ext, ptr, stream
 
-__all__ = ["mlp", "mlp_unsupported", "supports_mlp", "gemm", "autocast_inputs", "compute_dtype", "check_cuda"]
+__all__ = ["mlp", "mlp_unsupported", "supports_mlp", "gemm", "check_cuda"]
 
 _EPILOGUES = ext.GEMM_EPILOGUES
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def autocast_inputs(*tensors):
-    """The floating-point tensors cast to the autocast dtype when autocast is on for their device (None kept)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def compute_dtype(x):
-    """The dtype an op computes x in: the autocast dtype inside an autocast region, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def check_cuda(op, *tensors):

@@ -12,7 +12,8 @@ import torch
 
 from megaphi.kernels import reference
 from megaphi.kernels.cuda._ext import dtype_code, ext, ptr, stream
-from megaphi.kernels.cuda.mlp import autocast_inputs, check_cuda, compute_dtype
+from megaphi.kernels.autocast import autocast_inputs, compute_dtype
+from megaphi.kernels.cuda.mlp import check_cuda
 
 __all__ = ["apply_rotary", "rotary_attention", "rotary_qkv", "rotary_unsupported", "supports_apply_rotary",
            "supports_rotary_attention", "MAX_HEAD_DIM"]

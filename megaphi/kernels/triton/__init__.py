@@ -7,6 +7,8 @@ run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before tr
 
 import torch
 
+from megaphi.kernels.autocast import compute_dtype
+
 from megaphi.kernels.triton.common import INTERPRET
 from megaphi.kernels.triton.cross_entropy import linear_cross_entropy
 from megaphi.kernels.triton.layer_norm import MAX_HIDDEN, layer_norm
@@ -36,11 +38,6 @@ def unavailable_reason():
             "to run the kernels on CPU tensors")
 
 
-def _compute_dtype(x):
-    """The dtype the op computes in: the autocast dtype inside an autocast region, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def supports(op, *args):
@@ -51,7 +48,7 @@ def supports(op, *args):
     x = args[0]
     if not x.is_cuda:
         return False
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if op == "layer_norm":
         residual = args[4] if len(args) > 4 else None
         residuals = () if residual is None else (residual,) if isinstance(residual, torch.Tensor) else residual

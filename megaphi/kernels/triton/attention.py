@@ -12,7 +12,7 @@ import torch
 from megaphi.kernels import reference
 from megaphi.kernels.triton.attention_bwd import attention_backward
 from megaphi.kernels.triton.attention_fwd import attention_forward
-from megaphi.kernels.triton.common import autocast_inputs
+from megaphi.kernels.autocast import autocast_inputs
 from megaphi.kernels.triton.rotary import apply_rotary, rotary_unsupported, rotate
 
 __all__ = ["rotary_attention", "unsupported_reason", "rotary_unsupported", "attention_forward", "attention_backward",

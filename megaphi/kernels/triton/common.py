@@ -2,7 +2,6 @@
 
 import os
 
-import torch
 import triton
 
 
@@ -25,11 +24,3 @@ def check_device(op, *tensors):
             raise ValueError(f"{op}: the triton backend runs on CUDA tensors, got a {t.device} tensor; use "
                              f"backend='reference', or set TRITON_INTERPRET=1 before importing triton for CPU tensors")
 
-
-def autocast_inputs(*tensors):
-    """The floating-point tensors cast to the autocast dtype when autocast is on for their device (None kept)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from megaphi.kernels.triton.common import INTERPRET, autocast_inputs, check_device
+from megaphi.kernels.autocast import autocast_inputs
+from megaphi.kernels.triton.common import INTERPRET, check_device
 from megaphi.kernels.triton.mlp import EPILOGUE_ACCUMULATE, gemm
 
 CHUNK_ELEMENTS = 2**28  # logits per chunk (512 MiB in bf16): few chunks, far below the full logits

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megaphi.kernels.triton.common import INTERPRET, autocast_inputs, check_device
+from megaphi.kernels.autocast import autocast_inputs
+from megaphi.kernels.triton.common import INTERPRET, check_device
 
 EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_DGELU, EPILOGUE_ACCUMULATE = 0, 1, 2, 3
 
