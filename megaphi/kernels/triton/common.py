@@ -1,4 +1,4 @@
-"""What the Triton kernel files share: whether triton interprets, the device check, and autocast casting."""
+"""What the Triton kernel files share: whether triton interprets, and the device check."""
 
 import os
 
