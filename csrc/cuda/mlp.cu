@@ -18,16 +18,6 @@
 #include "common.cuh"
 #include "mlp.h"
 
-// cuBLASLt's own status strings, so only libcublasLt is linked (cublasGetStatusName lives in libcublas).
-#define MEGAPHI_CHECK_LT(expr)                                                                            \
-  do {                                                                                                    \
-    cublasStatus_t megaphi_lt_status_ = (expr);                                                           \
-    if (megaphi_lt_status_ != CUBLAS_STATUS_SUCCESS)                                                      \
-      ::megaphi::fail(__FILE__, __LINE__, std::string(#expr) + " failed: " +                              \
-                                              cublasLtGetStatusName(megaphi_lt_status_) + ": " +          \
-                                              cublasLtGetStatusString(megaphi_lt_status_));               \
-  } while (0)
-
 namespace megaphi {
 namespace {
 
@@ -81,7 +71,7 @@ cublasLtHandle_t handle_for(int device) {
   auto it = handles.find(device);
   if (it != handles.end()) return it->second;
   cublasLtHandle_t handle = nullptr;
-  MEGAPHI_CHECK_LT(cublasLtCreate(&handle));
+  MEGAPHI_CHECK_CUBLAS(cublasLtCreate(&handle));
   handles[device] = handle;
   return handle;
 }
@@ -111,12 +101,12 @@ struct CachedAlgo {
 };
 
 template <typename T> void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const T& value) {
-  MEGAPHI_CHECK_LT(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
 }
 
 template <typename T>
 void set_pref(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attr, const T& value) {
-  MEGAPHI_CHECK_LT(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
 }
 
 }  // namespace
@@ -148,7 +138,7 @@ bool gemm_lt(const GemmArgs& g) {
   const uint64_t m = g.n, n = g.m, k = g.k;
 
   Descriptors desc;
-  MEGAPHI_CHECK_LT(cublasLtMatmulDescCreate(&desc.op, compute, CUDA_R_32F));
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatmulDescCreate(&desc.op, compute, CUDA_R_32F));
   set_attr(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(op_a));
   set_attr(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(op_b));
   set_attr(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(epilogue));
@@ -158,11 +148,11 @@ bool gemm_lt(const GemmArgs& g) {
     set_attr(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, static_cast<int64_t>(g.aux_ld));
   }
   // Stored shapes, column-major: cuBLASLt's A is (m, k) untransposed, (k, m) transposed; likewise B (k, n).
-  MEGAPHI_CHECK_LT(cublasLtMatrixLayoutCreate(&desc.a, type, op_a == CUBLAS_OP_N ? m : k,
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&desc.a, type, op_a == CUBLAS_OP_N ? m : k,
                                               op_a == CUBLAS_OP_N ? k : m, g.ldb));
-  MEGAPHI_CHECK_LT(cublasLtMatrixLayoutCreate(&desc.b, type, op_b == CUBLAS_OP_N ? k : n,
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&desc.b, type, op_b == CUBLAS_OP_N ? k : n,
                                               op_b == CUBLAS_OP_N ? n : k, g.lda));
-  MEGAPHI_CHECK_LT(cublasLtMatrixLayoutCreate(&desc.d, type, m, n, g.ldd));
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&desc.d, type, m, n, g.ldd));
 
   const uint32_t align_a = alignment(g.b), align_b = alignment(g.a), align_d = alignment(g.d);
   const AlgoKey key{device,
@@ -193,7 +183,7 @@ bool gemm_lt(const GemmArgs& g) {
     if (it != cache.end()) chosen = it->second, cached = true;
   }
   if (!cached) {
-    MEGAPHI_CHECK_LT(cublasLtMatmulPreferenceCreate(&desc.pref));
+    MEGAPHI_CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&desc.pref));
     set_pref(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(g.workspace_bytes));
     // By default the heuristic assumes 256-byte aligned buffers; views of torch tensors may be less aligned.
     set_pref(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a);
@@ -208,7 +198,7 @@ bool gemm_lt(const GemmArgs& g) {
     // NOT_SUPPORTED (or no result) means no kernel implements this epilogue for these types and shapes. The
     // optional bias-gradient epilogue falls back on any refusal, whatever status it comes with (apex's fused_dense
     // does the same): its support varies with the cuBLASLt version and the layout.
-    if (status != CUBLAS_STATUS_NOT_SUPPORTED && g.epilogue != GemmEpilogue::kBGradA) MEGAPHI_CHECK_LT(status);
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED && g.epilogue != GemmEpilogue::kBGradA) MEGAPHI_CHECK_CUBLAS(status);
     chosen.found = status == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (chosen.found) chosen.algo = result.algo;
     std::lock_guard<std::mutex> lock(cache_mutex);
@@ -227,7 +217,7 @@ bool gemm_lt(const GemmArgs& g) {
                                  " N=" + std::to_string(g.n) + " K=" + std::to_string(g.k) + ")");
   }
   const float alpha = 1.0f, beta = 0.0f;
-  MEGAPHI_CHECK_LT(cublasLtMatmul(handle, desc.op, &alpha, g.b, desc.a, g.a, desc.b, &beta, g.d, desc.d, g.d,
+  MEGAPHI_CHECK_CUBLAS(cublasLtMatmul(handle, desc.op, &alpha, g.b, desc.a, g.a, desc.b, &beta, g.d, desc.d, g.d,
                                   desc.d, &chosen.algo, g.workspace, g.workspace_bytes, g.stream));
   return true;
 }
