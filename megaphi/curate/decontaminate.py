@@ -460,11 +460,4 @@ class Decontaminator:
 
     def __call__(self, records) -> Outcome:
         index = get_index(self.cfg)
-        kept, dropped = [], []
-        for record in records:
-            found = find_contamination(record[self.text_key], index)
-            if found is None:
-                kept.append(record)
-            else:
-                dropped.append((record, found[0], found[1]))
-        return Outcome(kept, dropped)
+        return Outcome.by_record(records, lambda record: find_contamination(record[self.text_key], index))

@@ -289,11 +289,4 @@ class HeuristicFilter:
         return {"heuristics": asdict(self.cfg), "text_key": self.text_key}
 
     def __call__(self, records) -> Outcome:
-        kept, dropped = [], []
-        for record in records:
-            found = first_violation(record, self.cfg, self.text_key)
-            if found is None:
-                kept.append(record)
-            else:
-                dropped.append((record, found[0], found[1]))
-        return Outcome(kept, dropped)
+        return Outcome.by_record(records, lambda record: first_violation(record, self.cfg, self.text_key))

@@ -32,6 +32,18 @@ class Outcome:
     dropped: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)
 
+    @classmethod
+    def by_record(cls, records, check) -> "Outcome":
+        """Keep the records check(record) finds nothing in (None); drop the rest with its (reason, detail)."""
+        out = cls(kept=[])
+        for record in records:
+            found = check(record)
+            if found is None:
+                out.kept.append(record)
+            else:
+                out.dropped.append((record, *found))
+        return out
+
 
 @dataclass
 class StageSummary:
