@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_checks import rel_error, run
 from megaphi import kernels
 from megaphi.kernels import reference
 
@@ -141,26 +142,13 @@ def test_layer_norm_limits():
 
 # ---- GPU: the LayerNorm kernel against the reference ----
 
-def rel_error(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
-
-
-def forward_backward(fn, inputs, cotangents=None):
-    out = fn(*inputs)
-    out = out if isinstance(out, tuple) else (out,)
-    if cotangents is None:
-        cotangents = [torch.randn(o.shape, device=o.device) for o in out]
-    total = sum((o.float() * c).sum() for o, c in zip(out, cotangents))
-    grads = torch.autograd.grad(total, [t for t in inputs if t is not None and t.requires_grad])
-    return list(out) + list(grads), cotangents
-
-
 def errors(fn, ref_fn, inputs):
     """[(the kernel's relative error vs fp32, the same-dtype reference's)] for each output and gradient."""
     exact = [t.detach().float().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
-    truth, cot = forward_backward(ref_fn, exact)
-    ref, _ = forward_backward(ref_fn, inputs, cot)
-    out, _ = forward_backward(fn, inputs, cot)
+    truth, truth_grads, cot = run(ref_fn, exact)
+    ref, ref_grads, _ = run(ref_fn, inputs, cot)
+    out, grads, _ = run(fn, inputs, cot)
+    truth, ref, out = truth + truth_grads, ref + ref_grads, out + grads
     assert [o.shape for o in out] == [t.shape for t in truth]
     return [(rel_error(a, t), rel_error(r, t)) for a, r, t in zip(out, ref, truth)]
 

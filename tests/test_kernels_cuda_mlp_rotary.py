@@ -14,6 +14,7 @@ import importlib
 import pytest
 import torch
 
+from kernel_checks import rel_error, run
 from megaphi import kernels
 from megaphi.kernels import reference
 from megaphi.model import ModelConfig, PhiForCausalLM
@@ -39,20 +40,6 @@ def randn(*shape, dtype=torch.float32, scale=1.0, grad=True, device="cuda"):
     return (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_(grad)
 
 
-def rel_error(a, b):
-    """||a - b|| / ||b|| in fp32."""
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def run(fn, inputs, cotangents=None):
-    """(outputs, gradients of sum(output * cotangent) over the inputs that require grad, cotangents)."""
-    out = fn(*inputs)
-    out = out if isinstance(out, tuple) else (out,)
-    if cotangents is None:
-        cotangents = [torch.randn(o.shape, device=o.device) for o in out]
-    total = sum((o.float() * c).sum() for o, c in zip(out, cotangents))
-    grads = torch.autograd.grad(total, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad])
-    return out, grads, cotangents
 
 
 def assert_as_accurate_as_reference(fn, ref_fn, inputs, what):

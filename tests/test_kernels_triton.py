@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton extra is not installed")
 
+from kernel_checks import run  # noqa: E402
 from megaphi import kernels  # noqa: E402
 from megaphi.kernels import reference  # noqa: E402
 from megaphi.kernels import triton as tk  # noqa: E402
@@ -38,16 +39,6 @@ def randn(*shape, dtype=torch.float32, scale=1.0, grad=True):
     """A fresh random tensor on DEVICE."""
     return (torch.randn(shape, device=DEVICE) * scale).to(dtype).requires_grad_(grad)
 
-
-def run(fn, inputs, cotangents=None):
-    """(outputs, gradients of sum(output * cotangent) over the inputs that require grad, cotangents)."""
-    out = fn(*inputs)
-    out = out if isinstance(out, tuple) else (out,)
-    if cotangents is None:
-        cotangents = [torch.randn(o.shape, device=DEVICE) for o in out]
-    total = sum((o.float() * c).sum() for o, c in zip(out, cotangents))
-    grads = torch.autograd.grad(total, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad])
-    return out, grads, cotangents
 
 
 def assert_matches_reference(fn, ref_fn, inputs, dtype):
