@@ -147,7 +147,7 @@ class FaultServer(ThreadingHTTPServer):
 @contextlib.contextmanager
 def serving(argv, timeout: float = 120.0):
     """Runs a server command line whose first output line is "serving ... on URL" (tools/serve.py, this file)
-    as a subprocess; yields the URL, and stops the server after."""
+    as a subprocess; yields (URL, the process), and stops the server after."""
     proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = []
@@ -157,7 +157,7 @@ def serving(argv, timeout: float = 120.0):
         if not line or "serving" not in line[0]:
             proc.kill()
             raise RuntimeError(f"the server did not start: {line} {proc.stderr.read()}")
-        yield line[0].split(" on ", 1)[1].strip()
+        yield line[0].split(" on ", 1)[1].strip(), proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -62,7 +62,7 @@ def corpus(tmp_path_factory, megatron_fixtures):
 def server(tmp_path_factory, repo_root, checkpoint):
     """The base URL of tools/serve.py serving the tiny judge (port 0, read from its first line)."""
     with serving([sys.executable, repo_root / "tools" / "serve.py", "--load", checkpoint, "--port", "0",
-                  "--device", "cpu", "--quiet"]) as url:
+                  "--device", "cpu", "--quiet"]) as (url, _):
         yield url
 
 

@@ -161,7 +161,7 @@ def megaphi_server(tmp_path_factory, repo_root, megatron_fixtures):
     path = save_weights_checkpoint(tmp_path_factory.mktemp("synth") / "tiny", PhiForCausalLM(config).state_dict(),
                                    config, meta=meta)
     with serving([sys.executable, repo_root / "tools" / "serve.py", "--load", path.parent, "--port", "0",
-                  "--device", "cpu", "--quiet"]) as url:
+                  "--device", "cpu", "--quiet"]) as (url, _):
         yield url
 
 

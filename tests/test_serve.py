@@ -3,14 +3,13 @@ stop strings, seeds, usage and OpenAI-style errors; greedy text equals megaphi.g
 
 import http.client
 import json
-import subprocess
 import sys
-import threading
 
 import openai
 import pytest
 import torch
 
+from fault_server import serving
 from megaphi.data.tokenizer import build_tokenizer
 from megaphi.generate import generate_text
 from megaphi.hf import save_weights_checkpoint
@@ -38,21 +37,10 @@ def server(tmp_path_factory, repo_root, model, tokenizer):
     """(port, process) of tools/serve.py on a tiny checkpoint; --port 0 and the port read from its first line."""
     meta = {"config": {"data": {"tokenizer_type": "sentencepiece", "tokenizer_model": tokenizer.name}}}
     path = save_weights_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", model.state_dict(), CONFIG, meta=meta)
-    proc = subprocess.Popen([sys.executable, str(repo_root / "tools" / "serve.py"), "--load", str(path.parent),
-                             "--port", "0", "--device", "cpu", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or "serving" not in line[0]:
-        proc.kill()
-        pytest.fail(f"the server did not start: {line} {proc.stderr.read()}")
-    assert line[0].startswith("serving tiny on http://127.0.0.1:")  # loopback by default
-    port = int(line[0].rsplit(":", 1)[1].split("/")[0])
-    yield port, proc
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving([sys.executable, repo_root / "tools" / "serve.py", "--load", path.parent, "--port", "0",
+                  "--device", "cpu", "--quiet"]) as (url, proc):
+        assert url.startswith("http://127.0.0.1:")  # loopback by default
+        yield int(url.rsplit(":", 1)[1].split("/")[0]), proc
 
 
 @pytest.fixture(scope="module")
