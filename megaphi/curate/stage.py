@@ -152,8 +152,8 @@ def input_stats(tasks) -> list:
     """(path, size, mtime) of every input file, those inside source folders included: what a rerun compares."""
     files = set()
     for t in tasks:
-        files.update(os.path.join(t.path, f) for f in t.files) if t.kind == "files" else files.add(t.path)
-    return [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in sorted(files)]
+        files.update([os.path.join(t.path, f) for f in t.files] if t.kind == "files" else [t.path])
+    return [(os.path.abspath(p), st.st_size, st.st_mtime_ns) for p in sorted(files) for st in [os.stat(p)]]
 
 
 def _fingerprint(name, tasks, text_key, params, report, keep_dropped) -> str:
